@@ -1,0 +1,94 @@
+"""The `mycelium` console command: a thin front over the Prefect flows.
+
+    mycelium run [--smoke] [--stages 00-01] [--config FILE] [--set key=value ...] [--json]
+    mycelium serve                     serve the flows as deployments for the Prefect UI
+
+`run` checks the inputs first (config, storage root, dataset, teacher) so that a bad one
+fails in one line before any work starts, then runs the flow and prints the report path
+as its last line (or the summary as JSON with --json). A killed run resumes when the same
+command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mycelium.errors import MyceliumError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mycelium", description="Distil a teacher LLM's math reasoning into small specialists.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the pipeline on the configured dataset")
+    run.add_argument("--smoke", action="store_true", help="the tiny built-in sample (config.yaml's smoke section)")
+    run.add_argument("--stages", default="00-01", help="stage range, e.g. 00-01 or 01 (default: 00-01)")
+    run.add_argument("--config", default=None, help="config file (default: the project's config.yaml)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    run.add_argument("--json", action="store_true", help="print summary.json to stdout instead of the report path")
+    commands.add_parser("serve", help="serve the flows as deployments (Prefect UI, schedules)")
+    return parser
+
+
+def preflight(config_path: str | None, overrides: list[str], stages: str, smoke: bool) -> None:
+    """Fail fast, in one line, on anything the user can fix before work starts."""
+    from flows.mycelium import parse_stages
+    from mycelium.config import Settings, load_config
+    from mycelium.store import ArtifactStore
+    from mycelium.teacher import check_teacher_source
+    from tasks.problems import source_fingerprint
+
+    cfg = load_config(config_path, overrides, smoke=smoke)
+    parse_stages(stages)
+    store = ArtifactStore.from_settings(Settings())
+    store.check_reachable()
+    source_fingerprint(cfg.dataset, store.storage_options)
+    check_teacher_source(cfg.teacher)
+
+
+def _run(args: argparse.Namespace) -> int:
+    preflight(args.config, args.overrides, args.stages, args.smoke)
+    from flows.mycelium import mycelium
+    from mycelium.orchestration import install_one_line_errors
+
+    install_one_line_errors()
+    report_path = mycelium(config_path=args.config, overrides=args.overrides, stages=args.stages, smoke=args.smoke)
+    if args.json:
+        from mycelium.store import ArtifactStore
+
+        store = ArtifactStore.from_settings()
+        summary_path = report_path.rsplit("/", 1)[0] + "/summary.json"
+        print(json.dumps(json.loads(store.fs.cat_file(summary_path)), indent=2))
+    else:
+        print(report_path)
+    return 0
+
+
+def _serve(_args: argparse.Namespace) -> int:
+    from flows.serve import serve_all
+
+    serve_all()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Prefect's telemetry and update checks cannot reach the network here; keep them quiet.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        return {"run": _run, "serve": _serve}[args.command](args)
+    except MyceliumError as exc:
+        print(f"mycelium: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("mycelium: interrupted — run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
