@@ -13,13 +13,21 @@ import math
 from prefect import flow
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from mycelium.config import ExtractionConfig, StorageConfig, TeacherConfig
 from mycelium.errors import MyceliumError
-from mycelium.orchestration import cache_options
+from mycelium.orchestration import cache_options, run_step
 from mycelium.store import ArtifactRef, ArtifactStore
 from tasks import extract_attention
+
+
+class ExtractionOutcome(BaseModel):
+    traces: ArtifactRef
+    chunks: int
+    chunks_computed: int
+    chunks_cached: int
 
 
 def task_runner_for(cfg: ExtractionConfig):
@@ -41,7 +49,7 @@ def extraction(
     extraction_cfg: ExtractionConfig,
     storage_cfg: StorageConfig,
     result_storage: str,
-) -> ArtifactRef:
+) -> ExtractionOutcome:
     store = ArtifactStore.for_ref(traces)
     n_problems = store.verify(problems).rows("problems")
     n_chunks = max(1, math.ceil(n_problems / extraction_cfg.chunk_size))
@@ -51,9 +59,12 @@ def extraction(
         options = cache_options(f"{traces.cache_key}-chunk-{index:05d}", done, storage_cfg, result_storage)
         chunk_task = extract_attention.extract_chunk_task.with_options(**options, task_run_name=f"extract-chunk-{index:05d}")
         futures.append(chunk_task.submit(traces, problems, heads, index, teacher_cfg, extraction_cfg))
-    for future in tqdm(as_completed(futures), total=n_chunks, desc="chunks", unit="chunk"):
-        future.result()
-    commit = extract_attention.commit_traces_task.with_options(
-        **cache_options(traces.cache_key, store.is_complete(traces), storage_cfg, result_storage)
+    cached = 0
+    for future in tqdm(as_completed(futures), total=n_chunks, desc="extraction chunks", unit="chunk"):
+        future.result()  # re-raises a failed chunk's own error
+        cached += future.state.name == "Cached"
+    run_step(
+        extract_attention.commit_traces_task, traces.cache_key, store.is_complete(traces), storage_cfg, result_storage,
+        traces, problems, n_chunks,
     )
-    return commit(traces, problems, n_chunks)
+    return ExtractionOutcome(traces=traces, chunks=n_chunks, chunks_computed=n_chunks - cached, chunks_cached=cached)

@@ -240,7 +240,7 @@ def _describe_validation_error(source: str, error: ValidationError) -> str:
         if message.startswith(prefix):
             message = ("must be " if prefix == "Input should be " else "") + message[len(prefix):]
     got = first.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) or "got " in message else f" (got {got!r})"
     return f"{source}: {key}: {message}{shown}"
 
 

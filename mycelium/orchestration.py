@@ -81,6 +81,16 @@ def cache_options(key: str, complete: bool, storage: StorageConfig, result_stora
     }
 
 
+def run_step(task, key: str, complete: bool, storage: StorageConfig, result_storage: str, *args, **options) -> str:
+    """Run one cached step and say whether it was "computed" or "cached".
+
+    Failures are re-raised as the task's own exception (a MyceliumError stays one line).
+    """
+    state = task.with_options(**cache_options(key, complete, storage, result_storage), **options)(*args, return_state=True)
+    state.result()  # raises the task's exception when it failed
+    return "cached" if state.name == "Cached" else "computed"
+
+
 class OneLineUserErrors(logging.Filter):
     """Drop the traceback Prefect attaches when a task fails on a MyceliumError.
 

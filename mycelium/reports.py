@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from dataclasses import dataclass, field
 import re
 from datetime import datetime, timezone
 from typing import Any
@@ -34,11 +35,19 @@ def write_report(
     flow_name: str,
     run_name: str,
     summary: dict[str, Any],
-    markdown: str,
-    figures: dict[str, bytes],
+    title: str,
+    sections: list["ReportSection"],
     publish: bool = True,
 ) -> str:
     """Write summary.json, report.md and figures; publish them to Prefect; return report.md's path."""
+    summary = dict(summary)
+    figures: dict[str, bytes] = {}
+    parts = [title]
+    for section in sections:
+        summary.update(section.summary)
+        parts.append(section.markdown)
+        figures.update(section.figures)
+    markdown = "\n".join(parts)
     folder = run_folder(store, flow_name, run_name)
     for name, data in figures.items():
         _put(store, posixpath.join(folder, name), data)
@@ -73,10 +82,26 @@ def _publish(flow_name: str, summary: dict, markdown: str, report_path: str, fig
         )
 
 
+@dataclass
 class ReportSection:
     """One step's contribution to a run report: flat numbers, markdown and figures."""
 
-    def __init__(self, summary: dict[str, Any], markdown: str, figures: dict[str, bytes] | None = None):
-        self.summary = summary
-        self.markdown = markdown
-        self.figures = figures or {}
+    summary: dict[str, Any]
+    markdown: str
+    figures: dict[str, bytes] = field(default_factory=dict)
+
+
+def steps_section(statuses: dict[str, str], refs: dict[str, Any], chunk_counts: dict[str, int]) -> ReportSection:
+    """Which steps ran and which came from the cache, with their artifact digests."""
+    lines = ["## Steps", "", "| step | artifact | status |", "|---|---|---|"]
+    for step_name, status in statuses.items():
+        lines.append(f"| {step_name} | `{refs[step_name].digest}` | {status} |")
+    if chunk_counts:
+        lines += ["", f"Extraction chunks: {chunk_counts['chunks']} ({chunk_counts['chunks_computed']} computed, "
+                      f"{chunk_counts['chunks_cached']} from earlier runs)."]
+    summary: dict[str, Any] = {
+        "steps_computed": [s for s, status in statuses.items() if status == "computed"],
+        "steps_cached": [s for s, status in statuses.items() if status == "cached"],
+        **chunk_counts,
+    }
+    return ReportSection(summary, "\n".join(lines) + "\n")

@@ -198,9 +198,10 @@ class ArtifactStore:
         files: dict[str, dict[str, Any]] = {}
         files_dir = posixpath.join(ref.path, "files")
         if self.fs.exists(files_dir):
+            listed_root = self.fs._strip_protocol(files_dir)  # find() returns paths without s3://
             for path in sorted(self.fs.find(files_dir)):
                 data = self.fs.cat_file(path)
-                files[posixpath.relpath(path, files_dir)] = {"bytes": len(data), "sha256": _sha256(data)}
+                files[posixpath.relpath(path, listed_root)] = {"bytes": len(data), "sha256": _sha256(data)}
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
             step=ref.step,

@@ -46,18 +46,24 @@ the report says so.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+from prefect import get_run_logger, task
 from scipy.signal import find_peaks, savgol_filter
 
 from mycelium import stats
 from mycelium.config import HeartbeatConfig
 from mycelium.errors import ConfigError, MyceliumError
+from mycelium.reports import ReportSection
+from mycelium.store import ArtifactRef, ArtifactStore, artifact_digest, source_code_version
 
 TOKEN_COLUMNS = ("problem_id", "head", "token_index", "char_start", "char_end", "iaf", "jsd")
 PROBLEM_COLUMNS = ("problem_id", "text")
@@ -645,3 +651,51 @@ def write_figures(tokens: pl.DataFrame, per_problem: pl.DataFrame, runs: pl.Data
     """Both figures; returns the paths written."""
     paths = [plot_iaf_trace(tokens, per_problem, runs, cfg, out_dir), plot_heartbeats_by_level(per_problem, cfg, out_dir)]
     return [path for path in paths if path is not None]
+
+
+# ---- Prefect wiring -----------------------------------------------------------------------
+# Thin: the artifact key, the task that reads stage 00 and writes stage 01, the report section.
+
+STEP = "heartbeats"
+
+
+def heartbeats_ref(store: ArtifactStore, cfg: HeartbeatConfig, traces: ArtifactRef, problems: ArtifactRef) -> ArtifactRef:
+    digest = artifact_digest(STEP, cfg.digest_payload(), [traces, problems], source_code_version(sys.modules[__name__]))
+    return store.ref(STEP, digest)
+
+
+def build_heartbeats(ref: ArtifactRef, traces: ArtifactRef, problems: ArtifactRef, cfg: HeartbeatConfig) -> dict[str, Any]:
+    """Read traces and problems, detect heartbeats, store tables, figures and the summary."""
+    store = ArtifactStore.for_ref(ref)
+    tokens = store.read(traces, "tokens")
+    extracted = store.read(traces, "problems").filter(pl.col("skipped_reason").is_null())
+    dataset = store.read(problems, "problems").select("problem_id", "level", "subject", "source")
+    joined = extracted.select("problem_id", "text", "n_text_tokens").join(dataset, on="problem_id", how="left")
+    per_problem, runs, summary = detect_heartbeats(tokens, joined, cfg)
+    with tempfile.TemporaryDirectory() as folder:
+        for path in write_figures(tokens, per_problem, runs, cfg, folder):
+            store.write_file(ref, path.name, path.read_bytes())
+    store.write_file(ref, "summary.json", json.dumps(summary, indent=2).encode())
+    store.write_table(ref, {"per_problem": per_problem, "runs": runs}, metadata={"n_problems": per_problem.height})
+    return summary
+
+
+@task(name="heartbeats")
+def heartbeats_task(ref: ArtifactRef, traces: ArtifactRef, problems: ArtifactRef, cfg: HeartbeatConfig) -> ArtifactRef:
+    summary = build_heartbeats(ref, traces, problems, cfg)
+    get_run_logger().info(
+        "heartbeats: %s problems, %.2f per problem; boundary F1 %s vs random %s",
+        summary.get("n_problems"), summary.get("heartbeats_per_problem_mean") or float("nan"),
+        summary.get("boundary_f1"), summary.get("boundary_f1_random"),
+    )
+    return ref
+
+
+def report_section(store: ArtifactStore, ref: ArtifactRef) -> ReportSection:
+    manifest = store.verify(ref)
+    summary = json.loads(store.read_file(ref, "summary.json"))
+    figures = {name: store.read_file(ref, name) for name in manifest.files if name.endswith(".png")}
+    markdown = render_markdown(summary)
+    if figures:
+        markdown += "\n" + "\n".join(f"![{name}]({name})" for name in sorted(figures)) + "\n"
+    return ReportSection({f"heartbeat_{k}" if not k.startswith(("heartbeat", "boundary")) else k: v for k, v in summary.items()}, markdown, figures)
