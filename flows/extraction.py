@@ -54,17 +54,19 @@ def extraction(
     n_problems = store.verify(problems).rows("problems")
     n_chunks = max(1, math.ceil(n_problems / extraction_cfg.chunk_size))
     futures = []
+    already_done = 0
     for index in range(n_chunks):
         done = extract_attention.chunk_done(store, traces, index)
+        already_done += done
         options = cache_options(f"{traces.cache_key}-chunk-{index:05d}", done, storage_cfg, result_storage)
         chunk_task = extract_attention.extract_chunk_task.with_options(**options, task_run_name=f"extract-chunk-{index:05d}")
         futures.append(chunk_task.submit(traces, problems, heads, index, teacher_cfg, extraction_cfg))
-    cached = 0
     for future in tqdm(as_completed(futures), total=n_chunks, desc="extraction chunks", unit="chunk"):
         future.result()  # re-raises a failed chunk's own error
-        cached += future.state.name == "Cached"
     run_step(
         extract_attention.commit_traces_task, traces.cache_key, store.is_complete(traces), storage_cfg, result_storage,
         traces, problems, n_chunks,
     )
-    return ExtractionOutcome(traces=traces, chunks=n_chunks, chunks_computed=n_chunks - cached, chunks_cached=cached)
+    # A chunk whose verified part existed before this run is reused, whether or not Prefect
+    # still had a cache record for it (a kill can land between the part and the record).
+    return ExtractionOutcome(traces=traces, chunks=n_chunks, chunks_computed=n_chunks - already_done, chunks_cached=already_done)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from mycelium.errors import MyceliumError
@@ -51,7 +52,21 @@ def preflight(config_path: str | None, overrides: list[str], stages: str, smoke:
     check_teacher_source(cfg.teacher)
 
 
+def _exit_on_interrupt(_signum, _frame) -> None:
+    """Ctrl-C: leave at once; every finished chunk is already stored, so a rerun resumes.
+
+    Why not let KeyboardInterrupt unwind: the terminal's SIGINT also stops the temporary
+    Prefect server in our process group, and the flow engine then waits on it to record
+    the crash, which can hang for minutes. Nothing is lost by not waiting: parts are
+    written with receipts, and a part without its receipt is redone on the next run.
+    """
+    sys.stdout.flush()
+    print("\nmycelium: interrupted — run the same command again to resume", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED)
+
+
 def _run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGINT, _exit_on_interrupt)
     preflight(args.config, args.overrides, args.stages, args.smoke)
     from flows.mycelium import mycelium
     from mycelium.orchestration import install_one_line_errors
@@ -85,9 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     except MyceliumError as exc:
         print(f"mycelium: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("mycelium: interrupted — run the same command again to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -247,14 +247,17 @@ class ArtifactStore:
         except (FileNotFoundError, ValueError):
             return None
 
-    def part_done(self, ref: ArtifactRef, table: str, index: int) -> bool:
-        """True when the part and its receipt exist and agree on size (cheap: no read)."""
+    def part_done(self, ref: ArtifactRef, table: str, index: int, verify: bool = False) -> bool:
+        """True when the part and its receipt exist and agree on size (and on sha256 with verify)."""
         receipt = self._read_receipt(ref, table, index)
         if receipt is None:
             return False
         try:
-            return self.fs.size(self._part_file(ref, table, index)) == receipt.bytes
-        except FileNotFoundError:
+            if not verify:
+                return self.fs.size(self._part_file(ref, table, index)) == receipt.bytes
+            self._checked_bytes(ref, table, receipt)
+            return True
+        except (FileNotFoundError, CorruptArtifactError):
             return False
 
     def finished_parts(self, ref: ArtifactRef, table: str) -> list[PartReceipt]:

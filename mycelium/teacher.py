@@ -241,12 +241,12 @@ def build_prompt(tokenizer: Any, problem: str, use_chat_template: bool) -> Promp
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": problem}], tokenize=False, add_generation_prompt=True
         )
-        start = rendered.find(problem)
-        if start < 0:
-            raise ModelError(
-                "the teacher's chat template rewrites the problem text; set teacher.use_chat_template: false"
-            )
-        return Prompt(rendered, start, start + len(problem), add_special_tokens=False)
+        # Some templates strip the message; the problem is then found without its outer spaces.
+        for candidate in (problem, problem.strip()):
+            start = rendered.find(candidate)
+            if candidate and start >= 0:
+                return Prompt(rendered, start, start + len(candidate), add_special_tokens=False)
+        raise ModelError("the teacher's chat template rewrites the problem text; set teacher.use_chat_template: false")
     return Prompt(problem + "\n", 0, len(problem), add_special_tokens=True)
 
 
@@ -258,7 +258,7 @@ def check_teacher_source(cfg: TeacherConfig) -> None:
     """
     model = cfg.model
     if model.startswith(EMBEDDED_PREFIX):
-        embedded_gguf_path(model[len(EMBEDDED_PREFIX):])
+        embedded_gguf_path(model[len(EMBEDDED_PREFIX) :])
         return
     path = Path(model).expanduser()
     if path.exists() or _looks_like_path(model):

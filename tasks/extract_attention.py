@@ -900,7 +900,8 @@ def plot_head_ranking(ranking: pl.DataFrame, n_layers: int, n_heads: int, chosen
 
 def chunk_done(store: ArtifactStore, ref: ArtifactRef, index: int) -> bool:
     # The problems part is written after the tokens part: both present means the chunk finished.
-    return store.part_done(ref, "tokens", index) and store.part_done(ref, "problems", index)
+    # Checksums are verified: a corrupted part must be recomputed, never committed.
+    return store.part_done(ref, "tokens", index, verify=True) and store.part_done(ref, "problems", index, verify=True)
 
 
 def build_chunk(

@@ -1,0 +1,119 @@
+"""The Mycelium flow end to end with the real embedded teacher, on a few sample problems.
+
+Runs under Prefect's test harness (a real, temporary Prefect server). Checks what a user
+would notice: a report with figures, a second run that recomputes nothing, a config change
+that recomputes only what depends on it, and a deleted or corrupted artifact that is
+recomputed instead of used — on a local folder and on S3 (moto on loopback).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+
+import polars as pl
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from mycelium.config import Settings
+from mycelium.store import ArtifactStore
+
+# Four problems in two chunks, with named heads so the 270-head ranking is not needed here
+# (test_auto_heads_ranking covers it).
+FAST = [
+    "dataset.limit=4",
+    "extraction.chunk_size=2",
+    "extraction.computing_heads=[L23H2, L18H6]",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def run_flow(overrides=(), stages="00-01"):
+    from flows.mycelium import mycelium
+
+    report_path = mycelium(overrides=[*FAST, *overrides], stages=stages, smoke=True)
+    store = ArtifactStore.from_settings(Settings())
+    summary = json.loads(store.fs.cat_file(posixpath.join(posixpath.dirname(report_path), "summary.json")))
+    return report_path, summary, store
+
+
+def test_end_to_end_then_nothing_recomputed(storage_root):
+    report_path, summary, store = run_flow()
+
+    assert store.fs.exists(report_path)
+    report = store.fs.cat_file(report_path).decode()
+    assert "## Stage 01" in report and "random at same rate" in report
+    folder = posixpath.dirname(report_path)
+    for figure in ("iaf_trace.png", "heartbeats_by_level.png"):
+        assert store.fs.size(posixpath.join(folder, figure)) > 1000
+    assert summary["n_extracted"] == 4
+    assert summary["heads"] == ["L23H2", "L18H6"]
+    assert set(summary["steps_computed"]) == {"problems", "heads", "traces", "heartbeats"}
+    assert summary["boundary_f1_n"] == 4
+    assert 0 <= summary["boundary_f1"] <= 1 and summary["boundary_f1_low"] <= summary["boundary_f1"] <= summary["boundary_f1_high"]
+    # Prefect's persisted results live in the same store (and so in the bucket for S3).
+    assert store.fs.glob(posixpath.join(store.root, "prefect-results", "*"))
+
+    _, again, _ = run_flow()
+    assert again["steps_computed"] == []
+    assert set(again["steps_cached"]) == {"problems", "heads", "traces", "heartbeats"}
+    assert again["chunks_computed"] == 0 and again["chunks_cached"] == 2
+    assert again["boundary_f1"] == summary["boundary_f1"]
+
+
+@pytest.fixture
+def local_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("MYCELIUM_STORAGE_ROOT", str(tmp_path / "store"))
+
+
+def test_config_change_recomputes_only_what_depends_on_it(local_root):
+    run_flow()
+    _, changed, _ = run_flow(["heartbeat.iaf_threshold=0.3"])
+    assert changed["steps_computed"] == ["heartbeats"]
+    assert set(changed["steps_cached"]) == {"problems", "heads", "traces"}
+
+    _, changed_extraction, _ = run_flow(["extraction.sink_tokens=2"])
+    assert set(changed_extraction["steps_computed"]) == {"heads", "traces", "heartbeats"}
+
+
+def test_deleted_or_corrupted_artifact_is_recomputed(local_root):
+    _, first, store = run_flow()
+    traces_dir = store.fs.glob(posixpath.join(store.root, "artifacts", "traces", "*"))[0]
+
+    store.fs.rm(traces_dir, recursive=True)
+    _, after_delete, _ = run_flow()
+    assert "traces" in after_delete["steps_computed"]
+    assert after_delete["chunks_computed"] == 2
+    assert after_delete["n_extracted"] == first["n_extracted"]
+
+    part = posixpath.join(traces_dir, "tokens", "part-00001.parquet")
+    store.fs.pipe_file(part, store.fs.cat_file(part)[:-10] + b"0123456789")
+    _, after_corruption, _ = run_flow()
+    assert "traces" in after_corruption["steps_computed"]
+    assert after_corruption["chunks_computed"] == 1  # only the corrupted chunk's part is rewritten
+    tokens = store.read(ArtifactStore.from_settings(Settings()).ref("traces", posixpath.basename(traces_dir)), "tokens")
+    assert tokens.select("problem_id", "head", "token_index").is_duplicated().sum() == 0
+
+
+def test_stage_range_needs_upstream_artifacts(local_root):
+    from mycelium.errors import MyceliumError
+
+    with pytest.raises(MyceliumError, match="needs stage 00's artifact"):
+        run_flow(stages="01")
+    run_flow(stages="00")
+    _, summary, _ = run_flow(["heartbeat.min_run_length=3"], stages="01")
+    assert summary["steps_computed"] == ["heartbeats"]
+
+
+def test_auto_heads_ranking(local_root):
+    _, summary, store = run_flow(["extraction.computing_heads=auto", "extraction.calibration_problems=1", "extraction.auto_top_k=3"])
+    assert len(summary["heads"]) == 3
+    ranking_dir = store.fs.glob(posixpath.join(store.root, "artifacts", "heads", "*"))[0]
+    ranking = pl.read_parquet(posixpath.join(ranking_dir, "ranking", "part-00000.parquet"))
+    assert ranking.height == 30 * 9  # every head of SmolLM2 scored
+    assert ranking.sort("rank")["head"].head(3).to_list() == summary["heads"]
