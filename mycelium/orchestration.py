@@ -104,11 +104,6 @@ class OneLineUserErrors(logging.Filter):
             record.args = ()
             record.exc_info = None
             record.exc_text = None
-        elif isinstance(record.msg, str) and "Traceback (most recent call last)" in record.msg:
-            for cls in MyceliumError.__subclasses__() + [MyceliumError]:
-                if f"{cls.__module__}.{cls.__name__}:" in record.msg or f"{cls.__name__}:" in record.msg:
-                    record.msg = record.msg.split("Traceback (most recent call last)")[0].rstrip() + " (see the error line below)"
-                    break
         return True
 
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -63,12 +64,15 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
+from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mycelium.config import HEAD_PATTERN, ExtractionConfig, TeacherConfig
 from mycelium.errors import ConfigError, MyceliumError
+from mycelium.reports import ReportSection
+from mycelium.store import ArtifactRef, ArtifactStore, artifact_digest, source_code_version
 from mycelium.teacher import Teacher, build_prompt, load_teacher
 
 logger = logging.getLogger(__name__)
@@ -798,13 +802,6 @@ def choose_heads(
 # ---- Prefect wiring -----------------------------------------------------------------------
 # Thin: artifact keys, one teacher per process, the head-selection task, the per-chunk task,
 # the commit that checks every problem landed exactly once, and the report section.
-
-import sys  # noqa: E402  (moved to the top once stage 00's logic settles)
-
-from prefect import get_run_logger, task  # noqa: E402
-
-from mycelium.reports import ReportSection  # noqa: E402
-from mycelium.store import ArtifactRef, ArtifactStore, artifact_digest, source_code_version  # noqa: E402
 
 STEP_HEADS = "heads"
 STEP_TRACES = "traces"

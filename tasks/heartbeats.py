@@ -513,11 +513,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
         *[f"| {' | '.join(row)} |" for row in rows],
         "",
     ]
-    gain_low = summary.get("boundary_f1_diff_low")
-    if gain_low is None:
+    gain_low, gain_high = summary.get("boundary_f1_diff_low"), summary.get("boundary_f1_diff_high")
+    if gain_low is None or gain_high is None:
         lines.append("- Boundaries: too few problems or boundaries to compare JSD peaks with random placement.")
     elif gain_low > 0:
         lines.append("- Boundaries: JSD peaks find line-break steps better than random boundaries at the same rate.")
+    elif gain_high < 0:
+        lines.append("- Boundaries: JSD peaks find line-break steps **worse** than random boundaries at the same rate.")
     else:
         lines.append("- Boundaries: JSD peaks are **not** distinguishable from random boundaries at the same rate.")
     beyond = summary.get("heartbeat_beyond_length")

@@ -293,10 +293,15 @@ def test_markdown_table_has_values_intervals_and_baselines(stage_output):
 def test_markdown_says_plainly_when_heartbeats_are_only_length():
     summary = {"confidence": 0.95, "heartbeat_level_partial": 0.05, "heartbeat_level_partial_low": -0.2,
                "heartbeat_level_partial_high": 0.3, "heartbeat_level_partial_n": 40, "heartbeat_beyond_length": False,
-               "boundary_f1_diff_low": -0.01}
+               "boundary_f1_diff_low": -0.01, "boundary_f1_diff_high": 0.02}
     text = render_markdown(summary)
     assert "explained by length" in text
     assert "**not** distinguishable from random" in text
+
+
+def test_markdown_says_worse_than_random_when_the_whole_interval_is_below_zero():
+    text = render_markdown({"confidence": 0.95, "boundary_f1_diff_low": -0.03, "boundary_f1_diff_high": -0.01})
+    assert "**worse** than random" in text
 
 
 def test_bad_inputs_are_one_line_errors(cfg, stage_output):
