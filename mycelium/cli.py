@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def preflight(config_path: str | None, overrides: list[str], stages: str, smoke: bool) -> None:
     """Fail fast, in one line, on anything the user can fix before work starts."""
-    from flows.mycelium import parse_stages
+    from flows.pipeline import parse_stages
     from mycelium.config import Settings, load_config
     from mycelium.store import ArtifactStore
     from mycelium.teacher import check_teacher_source
@@ -68,7 +68,7 @@ def _exit_on_interrupt(_signum, _frame) -> None:
 def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _exit_on_interrupt)
     preflight(args.config, args.overrides, args.stages, args.smoke)
-    from flows.mycelium import mycelium
+    from flows.pipeline import mycelium
     from mycelium.orchestration import install_one_line_errors
 
     install_one_line_errors()

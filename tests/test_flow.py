@@ -34,7 +34,7 @@ def prefect_server():
 
 
 def run_flow(overrides=(), stages="00-01"):
-    from flows.mycelium import mycelium
+    from flows.pipeline import mycelium
 
     report_path = mycelium(overrides=[*FAST, *overrides], stages=stages, smoke=True)
     store = ArtifactStore.from_settings(Settings())
