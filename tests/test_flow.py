@@ -117,3 +117,54 @@ def test_auto_heads_ranking(local_root):
     ranking = pl.read_parquet(posixpath.join(ranking_dir, "ranking", "part-00000.parquet"))
     assert ranking.height == 30 * 9  # every head of SmolLM2 scored
     assert ranking.sort("rank")["head"].head(3).to_list() == summary["heads"]
+
+
+def test_report_is_published_as_prefect_artifacts(local_root):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    run_flow()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mycelium-report", "mycelium-summary"]))
+        )
+    kinds = {artifact.key: artifact.type for artifact in artifacts}
+    assert kinds.get("mycelium-report") == "markdown"
+    assert kinds.get("mycelium-summary") == "table"
+
+
+def test_io_errors_are_retried_and_user_errors_are_not(local_root):
+    from prefect import flow, task
+
+    from mycelium.config import load_config
+    from mycelium.errors import DatasetError
+    from mycelium.orchestration import cache_options, configure_result_storage
+
+    attempts = {"io": 0, "user": 0}
+
+    @task
+    def flaky_io() -> str:
+        attempts["io"] += 1
+        if attempts["io"] == 1:
+            raise ConnectionError("connection reset by peer")
+        return "ok"
+
+    @task
+    def bad_input() -> str:
+        attempts["user"] += 1
+        raise DatasetError("problems.jsonl: no such file")
+
+    storage = load_config(overrides=["storage.io_retry_backoff_seconds=0"]).storage
+
+    @flow
+    def probe() -> str:
+        result_storage = configure_result_storage(ArtifactStore.from_settings(Settings()))
+        value = flaky_io.with_options(**cache_options("probe-io", False, storage, result_storage))()
+        try:
+            bad_input.with_options(**cache_options("probe-user", False, storage, result_storage))()
+        except DatasetError:
+            pass
+        return value
+
+    assert probe() == "ok"
+    assert attempts == {"io": 2, "user": 1}
