@@ -18,6 +18,8 @@ until curl -sf "$PREFECT_API_URL/health" > /dev/null; do sleep 1; done
 echo "Prefect server up: http://127.0.0.1:4200"
 
 prefect work-pool create --type process mycelium-local --overwrite > /dev/null
+# The GPU pool exists so its deployment is valid; start GPU workers on GPU machines (infra/README.md).
+prefect work-pool create --type process mycelium-gpu --overwrite > /dev/null
 prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
 prefect worker start --pool mycelium-local &
 worker=$!
