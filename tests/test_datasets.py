@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -217,46 +215,20 @@ def test_level_parsing():
 # --- S3 through a real moto server on loopback -------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_endpoint():
-    port = free_port()
-    moto_server = Path(sys.executable).parent / "moto_server"
-    process = subprocess.Popen([str(moto_server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        pytest.fail("moto_server did not start")
-    yield endpoint
-    process.terminate()
-    process.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def s3_bucket(s3_endpoint):
+def s3_bucket(moto_endpoint):
+    """A bucket on the session's moto server (tests/conftest.py) holding a JSONL and a Parquet file."""
     import boto3
 
     client = boto3.client(
-        "s3", endpoint_url=s3_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        "s3", endpoint_url=moto_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
     )
     client.create_bucket(Bucket="problems")
     client.put_object(Bucket="problems", Key="gsm/rows.jsonl", Body="\n".join(json.dumps(r) for r in GSM8K_ROWS).encode())
     buffer = __import__("io").BytesIO()
     pl.DataFrame(MATH_ROWS).write_parquet(buffer)
     client.put_object(Bucket="problems", Key="math/rows.parquet", Body=buffer.getvalue())
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}}
     return options
 
 
