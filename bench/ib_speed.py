@@ -27,14 +27,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from mycelium.config import load_config  # noqa: E402
-from mycelium.information_bottleneck import (  # noqa: E402
+from mycelium.config import load_config
+from mycelium.information_bottleneck import (
     discover_templates,
     kmeans_baseline,
     knn_label_counts,
     l2_normalise,
+    label_predictiveness,
     plot_elbow,
     sib_reference,
 )
@@ -91,8 +92,6 @@ def main() -> None:
     k = result.n_clusters
     kmeans = kmeans_baseline(X, y, k, seed=SEED, n_permutations=N_PERMUTATIONS, n_init=KMEANS_N_INIT)
     sib = sib_reference(X, y, k, knn=KNN, seed=SEED, n_permutations=N_PERMUTATIONS, n_init=4)
-
-    from mycelium.information_bottleneck import label_predictiveness
 
     ib_pred = label_predictiveness(result.assignment, y)
     verdict = "PASS" if result.seconds < TARGET_S else "FAIL"

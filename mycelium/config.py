@@ -129,6 +129,19 @@ class IBConfig(Section):
     elbow_gain_threshold: float = Field(ge=0.0)
     max_depth: int = Field(ge=1)
     pow_subtypes: list[str] = Field(min_length=1)
+    n_betas: int = Field(ge=2)
+    knn: int = Field(ge=1)
+    n_permutations: int = Field(ge=1)
+    max_clusters: int = Field(ge=2)
+    kmeans_n_init: int = Field(ge=1)
+    n_exemplars: int = Field(ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _betas_increase(self):
+        if self.beta_end <= self.beta_start:
+            raise ValueError(f"beta_end ({self.beta_end}) must be larger than beta_start ({self.beta_start})")
+        return self
 
 
 class C2Config(Section):

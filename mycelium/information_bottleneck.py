@@ -63,7 +63,12 @@ Bias of I(T;Y)
 --------------
 The plug-in estimate is biased upward by about (|T|-1)(|Y|-1)/(2 N ln 2) bits (Miller-Madow):
 0.08 bits on random labels at N=5000, K=30, |Y|=20, half the elbow gain. `permutation_null`
-shuffles Y with T fixed; corrected = raw - mean(null).
+shuffles Y with T fixed; corrected = raw - mean(null). Measured: on labels independent of X,
+T fitted by this annealer has raw 0.087 bits at K=32 (N=5000, |Y|=20) and corrected within
+0.002 of 0 at every K of the path (tests). What the null cannot remove is *selection*: the
+coherence refinement keeps a split when its local corrected gain clears the threshold, so with
+a threshold near 0 it keeps noise splits (random labels, threshold 0: K=31, corrected 0.075
+bits). At the configured 0.15 bits per cluster no noise split survives (random labels: K=1).
 
 k-means comparison
 ------------------
@@ -74,6 +79,7 @@ clustering predicts Y (purity of the majority label, and I(T;Y)/H(Y)).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -94,6 +100,7 @@ _SPLIT_PERTURBATION = 0.05  # relative perturbation of p(y|t) when a cluster is 
 _MERGE_TOL = 2e-3  # clusters whose p(y|t) differ by less than this (max abs) are one cluster
 _LOG_FLOOR = 1e-300
 _KNN_BLOCK_ROWS = 1024
+_ELBOW_TAIL_KS = 3  # the top-level path anneals on for 3 new K values past the first drop (figure)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,15 +333,15 @@ def geometric_betas(beta_start: float, beta_end: float, n_betas: int) -> np.ndar
     return np.geomspace(beta_start, beta_end, n_betas)
 
 
-def _anneal(P: np.ndarray, w: np.ndarray, betas: np.ndarray, max_clusters: int, seed: int) -> list[_AnnealStep]:
-    """Deterministic annealing of IB over unique rows P (p(y|x)) with weights w (p(x))."""
+def _anneal(P: np.ndarray, w: np.ndarray, betas: np.ndarray, max_clusters: int, seed: int):
+    """Deterministic annealing of IB over unique rows P (p(y|x)) with weights w (p(x)).
+    A generator: yields one `_AnnealStep` per beta, so the caller can stop the path early."""
     rng = np.random.default_rng(seed)
     with np.errstate(divide="ignore", invalid="ignore"):
         neg_h = np.where(P > 0, P * np.log(P), 0.0).sum(1)  # sum_y p log p, per row
     p_y = w @ P
     pt = np.array([1.0])
     Q = p_y[None, :].copy()
-    steps: list[_AnnealStep] = []
     for beta in betas:
         k = len(pt)
         n_split = min(k, max_clusters - k)
@@ -363,8 +370,7 @@ def _anneal(P: np.ndarray, w: np.ndarray, betas: np.ndarray, max_clusters: int, 
         with np.errstate(divide="ignore", invalid="ignore"):
             i_xt = float((w[:, None] * np.where(R > 0, R * np.log(R / pt[None, :]), 0.0)).sum() / LN2)
             i_ty = float((pt[:, None] * np.where(Q > 0, Q * np.log(Q / p_y[None, :]), 0.0)).sum() / LN2)
-        steps.append(_AnnealStep(float(beta), R.argmax(1), len(pt), i_xt, i_ty, iterations))
-    return steps
+        yield _AnnealStep(float(beta), R.argmax(1), len(pt), i_xt, i_ty, iterations)
 
 
 def _responsibilities(P, neg_h, Q, pt, beta) -> np.ndarray:
@@ -400,13 +406,13 @@ def _merge_coincident(Q: np.ndarray, pt: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 @dataclass
-class _PathResult:
+class PathResult:
     curve: pl.DataFrame
     assignment: np.ndarray  # chosen hard T over the given rows, 0..K-1
     chosen_k: int
 
 
-def _anneal_and_choose(
+def anneal_path(
     counts: np.ndarray,
     y: np.ndarray,
     betas: np.ndarray,
@@ -416,27 +422,31 @@ def _anneal_and_choose(
     max_clusters: int,
     n_permutations: int,
     seed: int,
-) -> _PathResult:
-    """Anneal IB over rows with neighbour-label `counts`, harden and reabsorb at each beta,
-    null-correct I(T;Y) against the observed labels `y`, and pick the elbow."""
+    tail_ks: int,
+) -> PathResult:
+    """Anneal IB over rows with neighbour-label histograms `counts` (from `knn_label_counts`),
+    harden and reabsorb (min_size) at each beta, null-correct I(T;Y) against the observed label
+    codes `y`, and pick the elbow. The path stops `tail_ks` new K values after the first gain
+    below `gain_threshold` (a negative threshold anneals the whole schedule). The curve has one
+    row per beta annealed; `assignment` is the hard T at the elbow."""
     n = counts.shape[0]
     uniq, inverse = np.unique(counts, axis=0, return_inverse=True)
     inverse = inverse.ravel()
     w = np.bincount(inverse, minlength=len(uniq)).astype(np.float64) / n
     P = uniq.astype(np.float64)
     P /= P.sum(1, keepdims=True)
-    steps = _anneal(P, w, betas, max_clusters, seed)
-
     rows = []
     assignments: list[np.ndarray] = []
-    for i, step in enumerate(steps):
+    max_k, best_at_max, below = 0, -math.inf, 0
+    for i, step in enumerate(_anneal(P, w, betas, max_clusters, seed)):
         t = reabsorb_small_clusters(step.hard_unique[inverse], y, min_size)
         est = corrected_mutual_information(t, y, n_permutations, seed + 1000 + i)
         assignments.append(t)
+        k = int(t.max()) + 1
         rows.append(
             {
                 "beta": step.beta,
-                "k": int(t.max()) + 1,
+                "k": k,
                 "k_soft": step.k_soft,
                 "i_xt": entropy_bits(t),
                 "i_xt_soft": step.i_xt_soft,
@@ -445,6 +455,16 @@ def _anneal_and_choose(
                 "iterations": step.iterations,
             }
         )
+        # Early stop: once a new K's gain has fallen below the threshold, the elbow is known;
+        # anneal on only for `tail_ks` further new K values (to draw the curve past the elbow).
+        if k > max_k:
+            if max_k > 0 and (est.corrected - best_at_max) / (k - max_k) < gain_threshold:
+                below += 1
+            max_k, best_at_max = k, est.corrected
+            if below > tail_ks:
+                break
+        elif k == max_k:
+            best_at_max = max(best_at_max, est.corrected)
     curve = pl.DataFrame(rows)
 
     # Best corrected value per K along the path; gains per added cluster; elbow.
@@ -457,7 +477,7 @@ def _anneal_and_choose(
     gains = {ks[0]: None}
     chosen_k = ks[0]
     stopped = False
-    for prev, k in zip(ks, ks[1:]):
+    for prev, k in itertools.pairwise(ks):
         gain = (rows[best[k]]["i_ty_corrected"] - rows[best[prev]]["i_ty_corrected"]) / (k - prev)
         gains[k] = gain
         if not stopped:
@@ -471,7 +491,7 @@ def _anneal_and_choose(
         pl.Series("gain_per_cluster", [gains[r["k"]] if p else None for r, p in zip(rows, on_path)], dtype=pl.Float64),
         pl.Series("chosen", [p and r["k"] == chosen_k for r, p in zip(rows, on_path)]),
     )
-    return _PathResult(curve, assignments[best[chosen_k]], chosen_k)
+    return PathResult(curve, assignments[best[chosen_k]], chosen_k)
 
 
 @dataclass
@@ -490,7 +510,7 @@ class IBResult:
 
     def summary(self) -> dict:
         return {
-            "n_steps": int(len(self.assignment)),
+            "n_steps": len(self.assignment),
             "n_templates": self.n_clusters,
             "elbow_k": self.elbow_k,
             "i_xt_bits": self.i_xt,
@@ -523,13 +543,13 @@ def discover_templates(
     y_codes = y_codes.ravel().astype(np.int64)
     counts = knn_label_counts(Xn, y_codes, len(labels), knn)
     betas = geometric_betas(cfg.beta_start, cfg.beta_end, n_betas)
-    common = dict(
-        min_size=cfg.min_size,
-        gain_threshold=cfg.elbow_gain_threshold,
-        max_clusters=max_clusters,
-        n_permutations=n_permutations,
-    )
-    top = _anneal_and_choose(counts, y_codes, betas, seed=seed, **common)
+    common = {
+        "min_size": cfg.min_size,
+        "gain_threshold": cfg.elbow_gain_threshold,
+        "max_clusters": max_clusters,
+        "n_permutations": n_permutations,
+    }
+    top = anneal_path(counts, y_codes, betas, seed=seed, tail_ks=_ELBOW_TAIL_KS, **common)
 
     # Coherence refinement, breadth-first, up to cfg.max_depth levels.
     groups: list[tuple[np.ndarray, int, str]] = [
@@ -542,8 +562,13 @@ def discover_templates(
         coherence = float(cluster_coherence(Xn[members], np.zeros(len(members), dtype=np.int64))[0])
         flagged = coherence < cfg.coherence_threshold
         if flagged and depth < cfg.max_depth and len(members) >= 2 * cfg.min_size:
-            sub = _anneal_and_choose(
-                counts[members], y_codes[members], betas, seed=seed + 7919 * (len(refinements) + 1), **common
+            sub = anneal_path(
+                counts[members],
+                y_codes[members],
+                betas,
+                seed=seed + 7919 * (len(refinements) + 1),
+                tail_ks=0,
+                **common,
             )
             best = sub.curve.filter(pl.col("chosen")).row(0, named=True)
             refinements.append(
@@ -567,7 +592,7 @@ def discover_templates(
         assignment[members] = cid
     k = len(final)
     estimate = corrected_mutual_information(assignment, y_codes, n_permutations, seed)
-    null_total, null_per_cluster = _permutation_null_detail(assignment, y_codes, n_permutations, seed)
+    _, null_per_cluster = _permutation_null_detail(assignment, y_codes, n_permutations, seed)
     table = _contingency(assignment, k, y_codes, len(labels))
     contributions = _mi_contributions(table)
     coherence = cluster_coherence(Xn, assignment)
