@@ -119,6 +119,12 @@ class HeartbeatConfig(Section):
         return self
 
 
+class StepsConfig(Section):
+    expression_timeout_s: float = Field(gt=0.0)
+    max_expression_length: int = Field(ge=1)
+    result_rel_tol: float = Field(ge=0.0, lt=1.0)
+
+
 class IBConfig(Section):
     embedding_model: str
     embedding_dim: int = Field(ge=1)
@@ -200,6 +206,7 @@ class MyceliumConfig(Section):
     teacher: TeacherConfig
     extraction: ExtractionConfig
     heartbeat: HeartbeatConfig
+    steps: StepsConfig
     ib: IBConfig
     c2: C2Config
     c3: C3Config
