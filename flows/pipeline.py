@@ -1,7 +1,7 @@
-"""The Mycelium flow: problems → 00 attention traces → 01 heartbeats → report.
+"""The Mycelium flow: problems → 00 attention traces → 01 heartbeats → 02 steps and
+templates → report.
 
-Stages 02-06 (templates, training sets, C2/C3, evaluation) plug in here as later issues
-land. Every step is a cached Prefect task whose cache key is its artifact digest, so
+Stages 03-06 (training sets, C2/C3, evaluation) plug in here as later issues land. Every step is a cached Prefect task whose cache key is its artifact digest, so
 rerunning with nothing changed recomputes nothing, and a failed or killed run resumes
 where it stopped. Parameters are plain values so the flow can be triggered from the UI.
 The report lists every step as computed or cached.
@@ -20,17 +20,18 @@ from mycelium.errors import MyceliumError
 from mycelium.orchestration import configure_result_storage, run_step
 from mycelium.reports import ReportSection, steps_section, write_report
 from mycelium.store import ArtifactRef, ArtifactStore
-from tasks import extract_attention, heartbeats, problems
+from tasks import extract_attention, heartbeats, problems, templates
 
-KNOWN_STAGES = ["00", "01"]
+KNOWN_STAGES = ["00", "01", "02"]
+DEFAULT_STAGES = "00-02"
 
 
 def parse_stages(text: str) -> list[str]:
-    """'00-01' → ['00', '01']; '01' → ['01']."""
+    """'00-02' → ['00', '01', '02']; '01' → ['01']."""
     first, _, last = text.partition("-")
     last = last or first
     if first not in KNOWN_STAGES or last not in KNOWN_STAGES or first > last:
-        raise MyceliumError(f"--stages {text}: expected a range within {KNOWN_STAGES[0]}-{KNOWN_STAGES[-1]}, such as 00-01")
+        raise MyceliumError(f"--stages {text}: expected a range within {KNOWN_STAGES[0]}-{KNOWN_STAGES[-1]}, such as {DEFAULT_STAGES}")
     return [stage for stage in KNOWN_STAGES if first <= stage <= last]
 
 
@@ -45,7 +46,7 @@ def _require(store: ArtifactStore, ref: ArtifactRef, stage: str, needed_by: str)
 def mycelium(
     config_path: str | None = None,
     overrides: list[str] | None = None,
-    stages: str = "00-01",
+    stages: str = DEFAULT_STAGES,
     smoke: bool = False,
 ) -> str:
     """Run the pipeline stages in `stages` and return the path of the run's report.md."""
@@ -72,21 +73,30 @@ def mycelium(
         )
         statuses[traces_ref.step] = "cached" if outcome.chunks_computed == 0 else "computed"
         chunk_counts = {"chunks": outcome.chunks, "chunks_computed": outcome.chunks_computed, "chunks_cached": outcome.chunks_cached}
-    else:
-        _require(store, traces_ref, "00", selected[0])
+    elif "01" in selected:  # stage 02 reads gold solutions only, so it needs no traces
+        _require(store, traces_ref, "00", "01")
 
     heartbeats_ref = heartbeats.heartbeats_ref(store, cfg.heartbeat, traces_ref, problems_ref)
     if "01" in selected:
         step(heartbeats.heartbeats_task, heartbeats_ref, traces_ref, problems_ref, cfg.heartbeat)
 
+    steps_ref = templates.steps_ref(store, cfg.steps, cfg.ib, cfg.c2, problems_ref)
+    templates_ref = templates.templates_ref(store, cfg.ib, steps_ref)
+    if "02" in selected:
+        step(templates.steps_task, steps_ref, problems_ref, cfg.steps, cfg.ib, cfg.c2)
+        step(templates.templates_task, templates_ref, steps_ref, cfg.ib)
+
+    all_refs = (problems_ref, heads_ref, traces_ref, heartbeats_ref, steps_ref, templates_ref)
     sections: list[ReportSection] = [
-        steps_section(statuses, {r.step: r for r in (problems_ref, heads_ref, traces_ref, heartbeats_ref)}, chunk_counts),
+        steps_section(statuses, {r.step: r for r in all_refs}, chunk_counts),
         problems.report_section(store, problems_ref),
     ]
     if store.is_complete(traces_ref):
         sections.append(extract_attention.report_section(store, heads_ref, traces_ref))
     if "01" in selected:
         sections.append(heartbeats.report_section(store, heartbeats_ref))
+    if "02" in selected:
+        sections.append(templates.report_section(store, steps_ref, templates_ref))
     title = f"# Mycelium run — stages {stages}{' (smoke)' if smoke else ''}\n"
     run_name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{flow_run.name or 'local'}"
     summary = {"stages": stages, "smoke": smoke, "storage_root": store.root}

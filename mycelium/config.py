@@ -128,6 +128,8 @@ class StepsConfig(Section):
 class IBConfig(Section):
     embedding_model: str
     embedding_dim: int = Field(ge=1)
+    embedding_batch_size: int = Field(ge=1)
+    embedding_max_length: int = Field(ge=8)
     beta_start: float = Field(gt=0.0)
     beta_end: float = Field(gt=0.0)
     min_size: int = Field(ge=1)

@@ -601,7 +601,8 @@ def discover_templates(
             "id": np.arange(k),
             "size": table.sum(1).astype(np.int64),
             "label_counts": [row.astype(np.int64).tolist() for row in table],
-            "top_label": [labels[int(row.argmax())].item() for row in table],
+            # Labels may be numpy scalars (ints) or plain Python objects (operator names).
+            "top_label": [getattr(labels[int(row.argmax())], "item", lambda v=labels[int(row.argmax())]: v)() for row in table],
             "top_label_share": table.max(1) / table.sum(1),
             "coherence": coherence,
             "below_coherence": [f[3] for f in final],

@@ -168,3 +168,20 @@ def test_io_errors_are_retried_and_user_errors_are_not(local_root):
 
     assert probe() == "ok"
     assert attempts == {"io": 2, "user": 1}
+
+
+def test_stage_02_steps_and_templates_need_only_the_problems(local_root):
+    report_path, summary, store = run_flow(stages="02")
+    assert set(summary["steps_computed"]) == {"problems", "steps", "templates"}
+    assert summary["steps_n"] >= 4  # at least one validated step per sample problem
+    assert summary["steps_by_route"].get("gsm8k_annotation", 0) >= 1
+    assert summary["templates_n_templates"] == summary["kmeans_k"] >= 1
+    # Null correction is applied and reported beside the raw value, for both clusterings.
+    for prefix in ("templates_i_ty_bits", "kmeans_i_ty_bits"):
+        assert abs(summary[f"{prefix}_raw"] - summary[f"{prefix}_null_mean"] - summary[f"{prefix}_corrected"]) < 1e-9
+    report = store.fs.cat_file(report_path).decode()
+    assert "## Stage 02" in report and "k-means, same K (no Y)" in report
+    assert store.fs.size(posixpath.join(posixpath.dirname(report_path), "elbow.png")) > 1000
+
+    _, again, _ = run_flow(stages="02")
+    assert again["steps_computed"] == []
