@@ -126,6 +126,19 @@ def build_templates(ref: ArtifactRef, steps_artifact: ArtifactRef, ib_cfg: IBCon
     kmeans = information_bottleneck.kmeans_baseline(
         X, Y, result.n_clusters, seed=ib_cfg.seed, n_permutations=ib_cfg.n_permutations, n_init=ib_cfg.kmeans_n_init
     )
+    # The elbow K can be 1 (no split pays the seed's threshold), where any comparison is
+    # vacuous; so also compare at the largest K the annealing reached, on the same X.
+    path = result.curve.filter(pl.col("on_elbow_path")).sort("k")
+    widest = path.row(path.height - 1, named=True)
+    kmeans_widest = information_bottleneck.kmeans_baseline(
+        X, Y, int(widest["k"]), seed=ib_cfg.seed, n_permutations=ib_cfg.n_permutations, n_init=ib_cfg.kmeans_n_init
+    )
+    widest_summary = {
+        "widest_k": int(widest["k"]),
+        "widest_ib_i_ty_bits_raw": float(widest["i_ty_raw"]),
+        "widest_ib_i_ty_bits_corrected": float(widest["i_ty_corrected"]),
+        **kmeans_widest.summary("widest_kmeans"),
+    }
     exemplars = information_bottleneck.cluster_exemplars(X, result.assignment, ib_cfg.n_exemplars)
     texts = table["text"].to_list()
     expressions_text = table["expression"].to_list()
@@ -140,7 +153,7 @@ def build_templates(ref: ArtifactRef, steps_artifact: ArtifactRef, ib_cfg: IBCon
     with tempfile.TemporaryDirectory() as folder:
         figure = information_bottleneck.plot_elbow(result.curve, result.n_clusters, f"{folder}/elbow.png", ib_cfg.elbow_gain_threshold)
         store.write_file(ref, "elbow.png", figure.read_bytes())
-    summary = {**result.summary(), **kmeans.summary("kmeans"), "elbow_gain_threshold": ib_cfg.elbow_gain_threshold,
+    summary = {**result.summary(), **kmeans.summary("kmeans"), **widest_summary, "elbow_gain_threshold": ib_cfg.elbow_gain_threshold,
                **{f"ib_{k}": v for k, v in information_bottleneck.label_predictiveness(result.assignment, Y).items()}}
     store.write_file(ref, "summary.json", json.dumps(summary, indent=2, default=float).encode())
     store.write_table(ref, {"templates": templates, "assignments": assignments, "curve": result.curve}, metadata={"n_templates": result.n_clusters})
@@ -199,6 +212,11 @@ def report_section(store: ArtifactStore, steps_artifact: ArtifactRef, templates:
         f"{summary['i_ty_bits_null_p95']:.3f} | {summary['i_ty_bits_corrected']:.3f} | {summary.get('ib_purity', float('nan')):.3f} | {summary['n_steps']} |",
         f"| k-means, same K (no Y) | {summary['kmeans_k']} | {summary['kmeans_i_ty_bits_raw']:.3f} | {summary['kmeans_i_ty_bits_null_mean']:.3f} | "
         f"{summary['kmeans_i_ty_bits_null_p95']:.3f} | {summary['kmeans_i_ty_bits_corrected']:.3f} | {summary.get('kmeans_purity', float('nan')):.3f} | {summary['n_steps']} |",
+        f"| IB at the largest K the annealing reached | {summary['widest_k']} | {summary['widest_ib_i_ty_bits_raw']:.3f} | — | — | "
+        f"{summary['widest_ib_i_ty_bits_corrected']:.3f} | — | {summary['n_steps']} |",
+        f"| k-means at that K | {summary['widest_kmeans_k']} | {summary['widest_kmeans_i_ty_bits_raw']:.3f} | "
+        f"{summary['widest_kmeans_i_ty_bits_null_mean']:.3f} | {summary['widest_kmeans_i_ty_bits_null_p95']:.3f} | "
+        f"{summary['widest_kmeans_i_ty_bits_corrected']:.3f} | {summary.get('widest_kmeans_purity', float('nan')):.3f} | {summary['n_steps']} |",
         "",
         _elbow_sentence(store.read(templates, "curve"), summary),
         "",
@@ -213,6 +231,6 @@ def report_section(store: ArtifactStore, steps_artifact: ArtifactRef, templates:
     figures = {"elbow.png": store.read_file(templates, "elbow.png")} if "elbow.png" in manifest.files else {}
     if figures:
         lines += ["", "![elbow](elbow.png)"]
-    flat = {f"templates_{k}" if not k.startswith(("kmeans", "ib_", "templates")) else k: v for k, v in summary.items()}
+    flat = {f"templates_{k}" if not k.startswith(("kmeans", "ib_", "templates", "widest")) else k: v for k, v in summary.items()}
     flat.update({"steps_n": steps_meta["n_steps"], "steps_by_route": steps_meta["by_route"], "steps_drops_by_reason": steps_meta["drops_by_reason"]})
     return ReportSection(flat, "\n".join(lines) + "\n", figures)

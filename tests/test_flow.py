@@ -177,7 +177,8 @@ def test_stage_02_steps_and_templates_need_only_the_problems(local_root):
     assert summary["steps_by_route"].get("gsm8k_annotation", 0) >= 1
     assert summary["templates_n_templates"] == summary["kmeans_k"] >= 1
     # Null correction is applied and reported beside the raw value, for both clusterings.
-    for prefix in ("templates_i_ty_bits", "kmeans_i_ty_bits"):
+    assert summary["widest_k"] == summary["widest_kmeans_k"] >= summary["templates_n_templates"]
+    for prefix in ("templates_i_ty_bits", "kmeans_i_ty_bits", "widest_kmeans_i_ty_bits"):
         assert abs(summary[f"{prefix}_raw"] - summary[f"{prefix}_null_mean"] - summary[f"{prefix}_corrected"]) < 1e-9
     report = store.fs.cat_file(report_path).decode()
     assert "## Stage 02" in report and "k-means, same K (no Y)" in report
