@@ -29,20 +29,10 @@ from tasks.heartbeats import (
     smooth_jsd,
     write_figures,
 )
+from tasks.extract_attention import TOKENS_SCHEMA
 
-TOKEN_SCHEMA = {
-    "problem_id": pl.Utf8,
-    "head": pl.Utf8,
-    "token_index": pl.Int32,
-    "token_text": pl.Utf8,
-    "char_start": pl.Int32,
-    "char_end": pl.Int32,
-    "iaf": pl.Float32,
-    "problem_attn": pl.Float32,
-    "context_attn": pl.Float32,
-    "sink_attn": pl.Float32,
-    "jsd": pl.Float32,
-}
+# The schema stage 00 actually writes: stage 01's tests read exactly what stage 00 produces.
+TOKEN_SCHEMA = TOKENS_SCHEMA
 
 
 @pytest.fixture(scope="module")
