@@ -13,7 +13,6 @@ file); `.env.example` lists them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -320,9 +319,3 @@ def load_config(
         return MyceliumConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe_validation_error(config_path.name, exc)) from None
-
-
-def section_digest(section: Section) -> str:
-    """A stable digest of one config section (part of every artifact key that reads it)."""
-    payload = json.dumps(section.digest_payload(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()

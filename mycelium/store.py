@@ -121,6 +121,10 @@ class ArtifactStore:
             self.fs, _ = fsspec.core.url_to_fs(self.root, **self.storage_options)
         except (ImportError, ValueError) as exc:
             raise StorageError(f"storage root {self.root}: {exc}") from None
+        # Artifacts this instance already verified, by the sha256 of the manifest it checked.
+        # A flow asks "is it complete?" several times per artifact; re-reading every part each
+        # time is wasted I/O. read() still checks the bytes it actually returns.
+        self._verified: dict[str, str] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "ArtifactStore":
@@ -272,19 +276,32 @@ class ArtifactStore:
                 receipts.append(receipt)
         return receipts
 
-    def manifest(self, ref: ArtifactRef) -> Manifest | None:
+    def _manifest_bytes(self, ref: ArtifactRef) -> bytes | None:
         try:
-            return Manifest.model_validate_json(self.fs.cat_file(self._manifest_file(ref)))
+            return self.fs.cat_file(self._manifest_file(ref))
         except FileNotFoundError:
             return None
+
+    @staticmethod
+    def _parse_manifest(ref: ArtifactRef, data: bytes) -> Manifest:
+        try:
+            return Manifest.model_validate_json(data)
         except ValueError:
             raise CorruptArtifactError(f"{ref.path}: manifest.json is unreadable") from None
 
+    def manifest(self, ref: ArtifactRef) -> Manifest | None:
+        data = self._manifest_bytes(ref)
+        return None if data is None else self._parse_manifest(ref, data)
+
     def verify(self, ref: ArtifactRef) -> Manifest:
         """Check every part and file against the manifest; raise CorruptArtifactError if any differ."""
-        manifest = self.manifest(ref)
-        if manifest is None:
+        data = self._manifest_bytes(ref)
+        if data is None:
+            self._verified.pop(ref.path, None)
             raise CorruptArtifactError(f"{ref.path}: no manifest (artifact missing or unfinished)")
+        manifest = self._parse_manifest(ref, data)
+        if self._verified.get(ref.path) == _sha256(data):
+            return manifest
         for table, parts in manifest.tables.items():
             for part in parts:
                 self._checked_bytes(ref, table, part)
@@ -296,6 +313,7 @@ class ArtifactStore:
                 raise CorruptArtifactError(f"{path}: listed in the manifest but missing") from None
             if _sha256(data) != info["sha256"]:
                 raise CorruptArtifactError(f"{path}: checksum does not match the manifest")
+        self._verified[ref.path] = _sha256(data)
         return manifest
 
     def is_complete(self, ref: ArtifactRef) -> bool:
@@ -307,6 +325,7 @@ class ArtifactStore:
             return False
 
     def delete(self, ref: ArtifactRef) -> None:
+        self._verified.pop(ref.path, None)
         if self.fs.exists(ref.path):
             self.fs.rm(ref.path, recursive=True)
 

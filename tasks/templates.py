@@ -30,7 +30,6 @@ step's top sympy operator with Pow split into the seed's subtypes.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import sys
@@ -183,12 +182,11 @@ def _elbow_sentence(curve: pl.DataFrame, summary: dict) -> str:
     if path.is_empty():
         return "- The annealing never split the steps: one template."
     best = path.sort("gain_per_cluster", descending=True).row(0, named=True)
-    threshold = summary.get("elbow_gain_threshold")
     sentence = (f"- Largest null-corrected gain per added cluster on the annealing path: {best['gain_per_cluster']:.3f} bits "
                 f"(at K={best['k']}).")
     if summary["n_templates"] == 1:
-        sentence += (" It never reached the elbow threshold, so the steps stay **one template**: on this data the step "
-                     "embeddings do not separate operations strongly enough for the seed's threshold.")
+        sentence += (f" It never reached the elbow threshold of {summary['elbow_gain_threshold']} bits, so the steps stay "
+                     "**one template**: on this data the step embeddings do not separate operations strongly enough.")
     return sentence
 
 

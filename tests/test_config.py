@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mycelium.config import DEFAULT_CONFIG_PATH, load_config, section_digest
+from mycelium.config import DEFAULT_CONFIG_PATH, load_config
+from mycelium.store import artifact_digest
 from mycelium.errors import ConfigError
 
 
@@ -63,8 +64,11 @@ def test_smoke_applies_its_section_and_set_still_wins():
     assert load_config(smoke=True, overrides=["dataset.limit=3"]).dataset.limit == 3
 
 
-def test_section_digest_follows_values():
+def test_artifact_keys_follow_section_values():
+    def key(section):
+        return artifact_digest("heartbeats", section.digest_payload(), [], "code")
+
     a = load_config().heartbeat
     b = load_config(overrides=["heartbeat.iaf_threshold=0.4"]).heartbeat
-    assert section_digest(a) == section_digest(load_config().heartbeat)
-    assert section_digest(a) != section_digest(b)
+    assert key(a) == key(load_config().heartbeat)
+    assert key(a) != key(b)

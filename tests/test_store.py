@@ -131,3 +131,29 @@ def test_same_size_corruption_of_a_part_is_caught_when_verifying(store):
     store.fs.pipe_file(part, data[:-10] + b"0123456789")
     assert store.part_done(ref, "tokens", 0)  # the cheap check sees only the size
     assert not store.part_done(ref, "tokens", 0, verify=True)
+
+
+def test_verification_is_remembered_but_reads_still_check_bytes(store):
+    """One run verifies an artifact once; data it reads is still checked, and the next run re-verifies."""
+    ref = _ref(store)
+    store.write_part(ref, "tokens", 0, pl.DataFrame({"x": list(range(50))}))
+    store.commit(ref)
+    assert store.is_complete(ref)
+    part = posixpath.join(ref.path, "tokens", "part-00000.parquet")
+    data = store.fs.cat_file(part)
+    store.fs.pipe_file(part, data[:-10] + b"0123456789")
+
+    with pytest.raises(CorruptArtifactError, match="checksum"):
+        store.read(ref, "tokens")
+    assert not ArtifactStore.from_settings(Settings()).is_complete(ref)
+
+
+def test_a_new_manifest_is_verified_afresh(store):
+    ref = _ref(store)
+    store.write_part(ref, "tokens", 0, pl.DataFrame({"x": list(range(50))}))
+    store.commit(ref)
+    assert store.is_complete(ref)
+    part = posixpath.join(ref.path, "tokens", "part-00000.parquet")
+    store.fs.pipe_file(part, store.fs.cat_file(part)[:-10] + b"0123456789")
+    store.commit(ref, metadata={"recommitted": True})  # same receipts, a different manifest
+    assert not store.is_complete(ref)
