@@ -89,7 +89,10 @@ def main() -> None:
         model.set_attn_implementation(SIGNAL_ATTENTION)
         collector = SignalCollector(heads, torch.from_numpy(problem.prompt_roles), cfg.extraction.max_memory_mb << 20)
         run_teacher(teacher, problem, collector, "teacher_forced", cfg.teacher)
-        tokens_frame(problem.problem_id, heads, collector.signals(), problem.text, problem.text_spans)
+        tokens_frame(
+            problem.problem_id, heads, collector.signals(), problem.text, problem.text_spans,
+            focus_columns(collector.focus(), problem.problem_char_spans),
+        )
 
     def eager(problem):
         model.set_attn_implementation("eager")

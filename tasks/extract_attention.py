@@ -5,7 +5,9 @@ Reads:  normalised problems (a polars DataFrame with columns problem_id, problem
 Writes: two tables per chunk of problems.
         `tokens`   one row per (problem, head, text token): problem_id, head ("L15H6"),
                    token_index, token_text, char_start, char_end (offsets inside the text),
-                   iaf, problem_attn, context_attn, sink_attn, jsd (null for the first token).
+                   iaf, problem_attn, context_attn, sink_attn, jsd (null for the first token),
+                   focus_start/focus_end/focus_attn (the problem token this row attends to most:
+                   its char span in the problem text and its weight; stage 03 uses it).
         `problems` one row per problem: problem_id, mode, text (gold solution or generated
                    text), n_prompt_tokens, n_problem_tokens, n_text_tokens, seconds,
                    skipped_reason (null when extracted).
@@ -103,6 +105,9 @@ TOKENS_SCHEMA = {
     "context_attn": pl.Float32,
     "sink_attn": pl.Float32,
     "jsd": pl.Float32,
+    "focus_start": pl.Int32,
+    "focus_end": pl.Int32,
+    "focus_attn": pl.Float32,
 }
 PROBLEMS_SCHEMA = {
     "problem_id": pl.Utf8,
@@ -123,6 +128,10 @@ RANKING_SCHEMA = {
     "rank": pl.Int32,
 }
 SIGNAL_NAMES = ("iaf", "problem_attn", "context_attn", "sink_attn", "jsd")
+# Per text token and head, the problem token the row attends to most: its char span inside
+# the problem text and its attention weight. Stage 03 reads it to tell apart several
+# occurrences of one number in a problem (which one the teacher looked at while writing it).
+FOCUS_NAMES = ("focus_start", "focus_end", "focus_attn")
 
 
 # --- Heads ---------------------------------------------------------------------------------
@@ -397,8 +406,10 @@ class SignalCollector(RowConsumer):
     _role_sums: dict[int, list[torch.Tensor]] = field(init=False, default_factory=dict)
     _jsd: dict[int, list[torch.Tensor]] = field(init=False, default_factory=dict)
     _argmax: dict[int, list[torch.Tensor]] = field(init=False, default_factory=dict)
+    _focus: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(init=False, default_factory=dict)
     _previous: dict[int, tuple[int, torch.Tensor]] = field(init=False, default_factory=dict)
     _roles: torch.Tensor | None = field(init=False, default=None)
+    _problem_mask: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.heads_by_layer = {}
@@ -428,12 +439,34 @@ class SignalCollector(RowConsumer):
             rows, first_position = rows[:, skip:], first_position + skip
         n_rows = rows.shape[1]
         self._role_sums.setdefault(layer, []).append(rows @ self._role_matrix(rows.shape[-1], rows.device))
+        self._focus.setdefault(layer, []).append(self._problem_focus(rows))
         previous = self._previous.get(layer)
         previous_row = previous[1] if previous is not None and previous[0] == first_position - 1 else None
         self._jsd.setdefault(layer, []).append(consecutive_jsd(rows, first_position, previous_row))
         # A copy when several rows came: a view would keep the whole block alive.
         last = rows[:, -1] if n_rows == 1 else rows[:, -1].clone()
         self._previous[layer] = (first_position + n_rows - 1, last)
+
+    def _problem_focus(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, prompt position) of the most-attended problem token of each row."""
+        if self._problem_mask is None or self._problem_mask.device != rows.device:
+            self._problem_mask = (self.prompt_roles == ROLE_PROBLEM).to(rows.device)
+        weights, positions = rows[..., : self.n_prompt].masked_fill(~self._problem_mask, -1.0).max(-1)
+        return weights, positions
+
+    def focus(self) -> dict[HeadRef, tuple[np.ndarray, np.ndarray]]:
+        """head → (weight, prompt position) arrays of the most-attended problem token per row."""
+        result = {}
+        for layer, head_indices in self.heads_by_layer.items():
+            if layer in self._focus:
+                weights = torch.cat([w for w, _ in self._focus[layer]], dim=1).float().cpu().numpy()
+                positions = torch.cat([p for _, p in self._focus[layer]], dim=1).cpu().numpy()
+            else:
+                weights = np.zeros((len(head_indices), 0), np.float32)
+                positions = np.zeros((len(head_indices), 0), np.int64)
+            for i, head in enumerate(head_indices):
+                result[HeadRef(layer, head)] = (weights[i], positions[i])
+        return result
 
     def signals(self) -> dict[HeadRef, dict[str, np.ndarray]]:
         """head → signal name → (n_text,) float32 array."""
@@ -451,6 +484,7 @@ class SignalCollector(RowConsumer):
 
     def kept_bytes(self) -> int:
         kept = [*self._role_sums.values(), *self._jsd.values(), *self._argmax.values()]
+        kept += [[t for pair in pairs for t in pair] for pairs in self._focus.values()]
         return sum(t.numel() * t.element_size() for tensors in kept for t in tensors)
 
     def argmax_positions(self) -> dict[HeadRef, np.ndarray]:
@@ -521,6 +555,15 @@ class PreparedProblem:
     text: str | None  # gold solution in teacher_forced mode
     text_ids: list[int] | None
     text_spans: list[tuple[int, int]] | None
+    # (n_prompt, 2) char span of each prompt token inside the problem text, clipped to it
+    # (meaningful only where prompt_roles is ROLE_PROBLEM).
+    problem_char_spans: np.ndarray | None = None
+
+
+def problem_char_spans(offsets: list[tuple[int, int]], problem_span: tuple[int, int]) -> np.ndarray:
+    start, end = problem_span
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    return (spans.clip(start, end) - start).astype(np.int32)
 
 
 def prepare_problem(
@@ -531,7 +574,15 @@ def prepare_problem(
     prompt = build_prompt(tokenizer, str(problem_row["problem"]), teacher_cfg.use_chat_template)
     encoded = tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens, return_offsets_mapping=True)
     roles = prompt_token_roles(encoded["offset_mapping"], (prompt.problem_start, prompt.problem_end), cfg.sink_tokens)
-    prepared = PreparedProblem(str(problem_row["problem_id"]), list(encoded["input_ids"]), roles, None, None, None)
+    prepared = PreparedProblem(
+        str(problem_row["problem_id"]),
+        list(encoded["input_ids"]),
+        roles,
+        None,
+        None,
+        None,
+        problem_char_spans(encoded["offset_mapping"], (prompt.problem_start, prompt.problem_end)),
+    )
     if len(prepared.prompt_ids) > cfg.max_prompt_tokens:
         return (
             prepared,
@@ -645,12 +696,30 @@ def extract_problem(
     if not text_ids:
         record["skipped_reason"] = "the teacher wrote no text"
         return empty_tokens(), record
-    return tokens_frame(prepared.problem_id, heads, signals, text, spans), record
+    focus = focus_columns(collector.focus(), prepared.problem_char_spans)
+    return tokens_frame(prepared.problem_id, heads, signals, text, spans, focus), record
+
+
+def focus_columns(
+    focus: dict[HeadRef, tuple[np.ndarray, np.ndarray]], char_spans: np.ndarray
+) -> dict[HeadRef, dict[str, np.ndarray]]:
+    """head → focus_start/focus_end (chars in the problem) and focus_attn per text token."""
+    result = {}
+    for head, (weights, positions) in focus.items():
+        spans = char_spans[positions] if len(positions) else np.zeros((0, 2), np.int32)
+        result[head] = {"focus_start": spans[:, 0], "focus_end": spans[:, 1], "focus_attn": weights.astype(np.float32)}
+    return result
 
 
 def tokens_frame(
-    problem_id: str, heads: list[HeadRef], signals: dict, text: str, spans: list[tuple[int, int]]
+    problem_id: str,
+    heads: list[HeadRef],
+    signals: dict,
+    text: str,
+    spans: list[tuple[int, int]],
+    focus: dict[HeadRef, dict[str, np.ndarray]] | None = None,
 ) -> pl.DataFrame:
+    """Rows of one problem; focus columns are null when `focus` is None."""
     n = len(spans)
     starts = np.array([s for s, _ in spans], dtype=np.int32)
     ends = np.array([e for _, e in spans], dtype=np.int32)
@@ -670,6 +739,7 @@ def tokens_frame(
             "char_start": starts,
             "char_end": ends,
             **{name: head_signals[name] for name in SIGNAL_NAMES},
+            **(focus[head] if focus is not None else {name: [None] * n for name in FOCUS_NAMES}),
         }
         parts.append(pl.DataFrame(columns, schema=TOKENS_SCHEMA).with_columns(pl.col("jsd").fill_nan(None)))
     return pl.concat(parts) if parts else empty_tokens()

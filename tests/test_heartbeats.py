@@ -52,7 +52,7 @@ def token_rows(problem_id: str, text: str, iaf, jsd, heads=("L1H1",), offsets=No
     for head in heads:
         for i, (start, end) in enumerate(spans):
             value = None if i == 0 or jsd[i] is None else float(jsd[i])
-            rows.append((problem_id, head, i, text[start:end], start, end, float(iaf[i]), 0.5, 0.4, 0.1, value))
+            rows.append((problem_id, head, i, text[start:end], start, end, float(iaf[i]), 0.5, 0.4, 0.1, value, 0, 1, 0.1))
     return rows
 
 

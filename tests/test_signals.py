@@ -32,6 +32,7 @@ from tasks.extract_attention import (
     collecting,
     consecutive_jsd,
     extract_chunk,
+    focus_columns,
     jensen_shannon,
     parse_heads,
     prepare_problem,
@@ -160,6 +161,24 @@ def test_signal_attention_reproduces_eager_rows_and_sdpa_logits(teacher, config,
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     torch.testing.assert_close(signal_logits, sdpa_logits, atol=1e-4, rtol=0)
 
+    # The focus columns name the problem token each text row attends to most (eager's argmax
+    # over problem positions), as a char span of the problem text.
+    collector = SignalCollector(heads, torch.from_numpy(prepared.prompt_roles), 64 * 1024)
+    run_teacher(teacher, prepared, collector, "teacher_forced", config.teacher)
+    focus = focus_columns(collector.focus(), prepared.problem_char_spans)
+    n_prompt = len(prepared.prompt_ids)
+    problem_positions = torch.from_numpy(prepared.prompt_roles == ROLE_PROBLEM)
+    problem_text = str(row["problem"])
+    for head in heads:
+        text_rows = eager.attentions[head.layer][0, head.head][n_prompt:, :n_prompt]
+        weights, positions = text_rows.masked_fill(~problem_positions, -1.0).max(-1)
+        np.testing.assert_allclose(focus[head]["focus_attn"], weights.numpy(), atol=1e-4)
+        expected_spans = prepared.problem_char_spans[positions.numpy()]
+        agree = (focus[head]["focus_start"] == expected_spans[:, 0]).mean()
+        assert agree > 0.95  # near-ties may flip between eager and the recomputed rows
+        for start, end in zip(focus[head]["focus_start"], focus[head]["focus_end"], strict=True):
+            assert 0 <= start < end <= len(problem_text)
+
 
 # --- Extraction on real problems -----------------------------------------------------------
 
@@ -177,6 +196,8 @@ def _check_tables(tokens: pl.DataFrame, records: pl.DataFrame, heads: list[str])
             assert "".join(rows["token_text"]) == record["text"]
             assert rows["jsd"][0] is None and rows["jsd"][1:].null_count() == 0
     assert tokens["iaf"].is_between(0.0, 1.0).all()
+    assert tokens["focus_start"].null_count() == 0 and (tokens["focus_start"] < tokens["focus_end"]).all()
+    assert (tokens["focus_attn"] <= tokens["problem_attn"] + 1e-5).all()
     assert tokens["jsd"].drop_nulls().is_between(0.0, 1.0).all()
     assert (tokens["context_attn"] + tokens["sink_attn"] <= 1.0 + 1e-5).all()
 
