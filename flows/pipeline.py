@@ -1,7 +1,7 @@
 """The Mycelium flow: problems → 00 attention traces → 01 heartbeats → 02 steps and
-templates → report.
+templates → 03 C2/C3 training sets → 04 C2 training → report.
 
-Stages 03-06 (training sets, C2/C3, evaluation) plug in here as later issues land. Every step is a cached Prefect task whose cache key is its artifact digest, so
+Stages 05-06 (C3 training, evaluation) plug in here as later issues land. Every step is a cached Prefect task whose cache key is its artifact digest, so
 rerunning with nothing changed recomputes nothing, and a failed or killed run resumes
 where it stopped. Parameters are plain values so the flow can be triggered from the UI.
 The report lists every step as computed or cached.
@@ -9,7 +9,7 @@ The report lists every step as computed or cached.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -20,10 +20,17 @@ from mycelium.errors import MyceliumError
 from mycelium.orchestration import configure_result_storage, run_step
 from mycelium.reports import ReportSection, steps_section, write_report
 from mycelium.store import ArtifactRef, ArtifactStore
-from tasks import extract_attention, heartbeats, problems, templates
+from tasks import (
+    extract_attention,
+    heartbeats,
+    problems,
+    templates,
+    train_c2,
+    training_data,
+)
 
-KNOWN_STAGES = ["00", "01", "02"]
-DEFAULT_STAGES = "00-02"
+KNOWN_STAGES = ["00", "01", "02", "03", "04"]
+DEFAULT_STAGES = "00-04"
 
 
 def parse_stages(text: str) -> list[str]:
@@ -73,20 +80,37 @@ def mycelium(
         )
         statuses[traces_ref.step] = "cached" if outcome.chunks_computed == 0 else "computed"
         chunk_counts = {"chunks": outcome.chunks, "chunks_computed": outcome.chunks_computed, "chunks_cached": outcome.chunks_cached}
-    elif "01" in selected:  # stage 02 reads gold solutions only, so it needs no traces
-        _require(store, traces_ref, "00", "01")
+    elif "01" in selected or "03" in selected:  # stage 02 reads gold solutions only: no traces
+        _require(store, traces_ref, "00", "01" if "01" in selected else "03")
 
     heartbeats_ref = heartbeats.heartbeats_ref(store, cfg.heartbeat, traces_ref, problems_ref)
     if "01" in selected:
         step(heartbeats.heartbeats_task, heartbeats_ref, traces_ref, problems_ref, cfg.heartbeat)
+    elif "03" in selected:
+        _require(store, heartbeats_ref, "01", "03")
 
     steps_ref = templates.steps_ref(store, cfg.steps, cfg.ib, cfg.c2, problems_ref)
     templates_ref = templates.templates_ref(store, cfg.ib, steps_ref)
     if "02" in selected:
         step(templates.steps_task, steps_ref, problems_ref, cfg.steps, cfg.ib, cfg.c2)
         step(templates.templates_task, templates_ref, steps_ref, cfg.ib)
+    elif "03" in selected:
+        _require(store, templates_ref, "02", "03")
 
-    all_refs = (problems_ref, heads_ref, traces_ref, heartbeats_ref, steps_ref, templates_ref)
+    training_inputs = {"problems": problems_ref, "traces": traces_ref, "heartbeats": heartbeats_ref, "steps": steps_ref, "templates": templates_ref}
+    training_ref = training_data.training_sets_ref(store, cfg.training_data, cfg.c2, cfg.c4, cfg.steps, training_inputs)
+    if "03" in selected:
+        step(training_data.training_sets_task, training_ref, training_inputs, cfg.training_data, cfg.c2, cfg.c4, cfg.steps)
+    elif "04" in selected:
+        _require(store, training_ref, "03", "04")
+
+    c2_features_ref = train_c2.features_ref(store, cfg.c2, training_ref)
+    c2_model_ref = train_c2.model_ref(store, cfg.c2, training_ref, c2_features_ref)
+    if "04" in selected:
+        step(train_c2.features_task, c2_features_ref, training_ref, cfg.c2)
+        step(train_c2.train_task, c2_model_ref, training_ref, c2_features_ref, cfg.c2)
+
+    all_refs = (problems_ref, heads_ref, traces_ref, heartbeats_ref, steps_ref, templates_ref, training_ref, c2_features_ref, c2_model_ref)
     sections: list[ReportSection] = [
         steps_section(statuses, {r.step: r for r in all_refs}, chunk_counts),
         problems.report_section(store, problems_ref),
@@ -97,7 +121,11 @@ def mycelium(
         sections.append(heartbeats.report_section(store, heartbeats_ref))
     if "02" in selected:
         sections.append(templates.report_section(store, steps_ref, templates_ref))
+    if "03" in selected:
+        sections.append(training_data.report_section(store, training_ref, list(cfg.c2.labels)))
+    if "04" in selected:
+        sections.append(train_c2.report_section(store, c2_model_ref, list(cfg.c2.labels)))
     title = f"# Mycelium run — stages {stages}{' (smoke)' if smoke else ''}\n"
-    run_name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{flow_run.name or 'local'}"
+    run_name = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{flow_run.name or 'local'}"
     summary = {"stages": stages, "smoke": smoke, "storage_root": store.root}
     return write_report(store, "mycelium", run_name, summary, title, sections)

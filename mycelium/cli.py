@@ -1,6 +1,6 @@
 """The `mycelium` console command: a thin front over the Prefect flows.
 
-    mycelium run [--smoke] [--stages 00-02] [--config FILE] [--set key=value ...] [--json]
+    mycelium run [--smoke] [--stages 00-03] [--config FILE] [--set key=value ...] [--json]
     mycelium serve                     serve the flows as deployments for the Prefect UI
 
 `run` checks the inputs first (config, storage root, dataset, teacher) so that a bad one
@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the pipeline on the configured dataset")
     run.add_argument("--smoke", action="store_true", help="the tiny built-in sample (config.yaml's smoke section)")
-    run.add_argument("--stages", default=None, help="stage range, e.g. 00-02 or 01 (default: every stage built so far)")
+    run.add_argument("--stages", default=None, help="stage range, e.g. 00-03 or 01 (default: every stage built so far)")
     run.add_argument("--config", default=None, help="config file (default: the project's config.yaml)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     run.add_argument("--json", action="store_true", help="print summary.json to stdout instead of the report path")

@@ -161,6 +161,15 @@ class C2Config(Section):
     max_epochs: int = Field(ge=1)
     early_stopping_patience: int = Field(ge=1)
     heartbeat_loss_weight: float = Field(ge=0.0)
+    head_learning_rate: float = Field(gt=0.0)
+    hidden_size: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    weight_decay: float = Field(ge=0.0)
+    min_improvement: float = Field(ge=0.0)
+    unfreeze: Literal["auto", "always", "never"]
+    max_length: int = Field(ge=8)
+    feature_batch_size: int = Field(ge=1)
+    seed: int
     labels: list[str] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -177,6 +186,13 @@ class C3Config(Section):
     max_epochs: int = Field(ge=1)
     early_stopping_patience: int = Field(ge=1)
     provenance_types: list[str] = Field(min_length=1)
+
+
+class TrainingDataConfig(Section):
+    validation_fraction: float = Field(gt=0.0, lt=1.0)
+    split_seed: int
+    context_words: int = Field(ge=1)
+    top_unexplained: int = Field(ge=0)
 
 
 class C4Config(Section):
@@ -209,6 +225,7 @@ class MyceliumConfig(Section):
     heartbeat: HeartbeatConfig
     steps: StepsConfig
     ib: IBConfig
+    training_data: TrainingDataConfig
     c2: C2Config
     c3: C3Config
     c4: C4Config

@@ -186,3 +186,51 @@ def test_stage_02_steps_and_templates_need_only_the_problems(local_root):
 
     _, again, _ = run_flow(stages="02")
     assert again["steps_computed"] == []
+
+
+def test_stage_03_training_sets_after_00_to_02(local_root):
+    from mycelium.errors import MyceliumError
+
+    # Stage 03 reads stage 01's heartbeat counts: alone on a fresh root it says what to run.
+    with pytest.raises(MyceliumError, match=r"stage 03 needs stage 00's artifact.*--stages 00-03"):
+        run_flow(stages="03")
+
+    report_path, summary, store = run_flow(stages="00-03")
+    assert "training_sets" in summary["steps_computed"]
+    funnel = {row["filter"]: row for row in summary["training_funnel"]}
+    assert funnel["no_steps"]["in"] == summary["training_n_problems"] == 4
+    assert summary["training_c2_problems"] == funnel["chain_answer_mismatch"]["kept"] >= 1
+    assert summary["training_c3_problems"] == funnel["operand_unexplained"]["kept"]
+    assert summary["training_c2_heartbeats_known"] == summary["training_c2_problems"]  # every kept problem was extracted
+    report = store.fs.cat_file(report_path).decode()
+    assert "## Stage 03" in report and "| provenance |" in report
+    assert store.fs.size(posixpath.join(posixpath.dirname(report_path), "data_card.png")) > 1000
+
+    # Only stage 03 selected now: it reuses 00-02 and recomputes nothing.
+    _, again, _ = run_flow(stages="03")
+    assert again["steps_computed"] == []
+    # A stage-03 setting recomputes only stage 03.
+    _, changed, _ = run_flow(["training_data.validation_fraction=0.5"], stages="00-03")
+    assert changed["steps_computed"] == ["training_sets"]
+
+
+def test_stage_04_trains_c2_and_a_head_setting_reuses_the_features(local_root):
+    # Seed 2 puts two of these four sample problems in each split (a hash split of four
+    # problems can leave one side empty, which stage 04 refuses in one line).
+    overrides = ["training_data.validation_fraction=0.5", "training_data.split_seed=2", "c2.max_epochs=3"]
+    report_path, summary, store = run_flow(overrides, stages="00-04")
+    assert {"c2_features", "c2_model"} <= set(summary["steps_computed"])
+    assert summary["c2_n_train"] + summary["c2_n_validation"] == summary["training_c2_problems"]
+    assert 1 <= summary["c2_epochs_run"] <= 3
+    for key in ("c2_all_correct", "c2_label_prior_all_correct", "c2_most_common_set_any_correct"):
+        rate = summary[key]
+        assert rate["n"] == summary["c2_n_validation"] and rate["low"] <= rate["rate"] <= rate["high"]
+    report = store.fs.cat_file(report_path).decode()
+    assert "## Stage 04" in report and "label prior (no text)" in report
+    folder = posixpath.dirname(report_path)
+    assert store.fs.size(posixpath.join(folder, "training_curve.png")) > 1000
+    model_folder = posixpath.join(store.root, "artifacts", "c2_model")
+    assert store.fs.glob(posixpath.join(model_folder, "*", "files", "c2_heads.safetensors"))
+
+    _, changed, _ = run_flow([*overrides, "c2.hidden_size=64"], stages="00-04")
+    assert changed["steps_computed"] == ["c2_model"]
