@@ -1,7 +1,7 @@
 """The Mycelium flow: problems → 00 attention traces → 01 heartbeats → 02 steps and
-templates → 03 C2/C3 training sets → 04 C2 training → report.
-
-Stages 05-06 (C3 training, evaluation) plug in here as later issues land. Every step is a cached Prefect task whose cache key is its artifact digest, so
+templates → 03 C2/C3 training sets → 04 C2 training → 05 C3 training → 06 evaluation →
+report. Every step is a cached Prefect task whose cache key is its
+artifact digest, so
 rerunning with nothing changed recomputes nothing, and a failed or killed run resumes
 where it stopped. Parameters are plain values so the flow can be triggered from the UI.
 The report lists every step as computed or cached.
@@ -26,11 +26,13 @@ from tasks import (
     problems,
     templates,
     train_c2,
+    evaluate,
+    train_c3,
     training_data,
 )
 
-KNOWN_STAGES = ["00", "01", "02", "03", "04"]
-DEFAULT_STAGES = "00-04"
+KNOWN_STAGES = ["00", "01", "02", "03", "04", "05", "06"]
+DEFAULT_STAGES = "00-06"
 
 
 def parse_stages(text: str) -> list[str]:
@@ -101,8 +103,8 @@ def mycelium(
     training_ref = training_data.training_sets_ref(store, cfg.training_data, cfg.c2, cfg.c4, cfg.steps, training_inputs)
     if "03" in selected:
         step(training_data.training_sets_task, training_ref, training_inputs, cfg.training_data, cfg.c2, cfg.c4, cfg.steps)
-    elif "04" in selected:
-        _require(store, training_ref, "03", "04")
+    elif "04" in selected or "05" in selected:
+        _require(store, training_ref, "03", "04" if "04" in selected else "05")
 
     c2_features_ref = train_c2.features_ref(store, cfg.c2, training_ref)
     c2_model_ref = train_c2.model_ref(store, cfg.c2, training_ref, c2_features_ref)
@@ -110,9 +112,35 @@ def mycelium(
         step(train_c2.features_task, c2_features_ref, training_ref, cfg.c2)
         step(train_c2.train_task, c2_model_ref, training_ref, c2_features_ref, cfg.c2)
 
-    all_refs = (problems_ref, heads_ref, traces_ref, heartbeats_ref, steps_ref, templates_ref, training_ref, c2_features_ref, c2_model_ref)
+    c3_features_ref = train_c3.features_ref(store, cfg.c3, cfg.c4, training_ref)
+    c3_model_ref = train_c3.model_ref(store, cfg.c3, cfg.c4, list(cfg.c2.labels), cfg.eval.beam_width, training_ref, c3_features_ref)
+    if "05" in selected:
+        step(train_c3.features_task, c3_features_ref, training_ref, cfg.c3, cfg.c4)
+        step(train_c3.train_task, c3_model_ref, training_ref, c3_features_ref, cfg.c3, cfg.c4, cfg.c2, cfg.eval.beam_width)
+
+    eval_inputs = {"training_sets": training_ref, "c2_features": c2_features_ref, "c2_model": c2_model_ref, "c3_model": c3_model_ref}
+    eval_dataset = cfg.dataset
+    if cfg.eval.dataset is not None:
+        eval_dataset = cfg.dataset.model_copy(
+            update={"source": cfg.eval.dataset, "split": cfg.eval.split, "limit": None, "fields": cfg.eval.fields or cfg.dataset.fields}
+        )
+    eval_problems_ref = problems.problems_ref(store, eval_dataset)
+    evaluation_ref = evaluate.evaluation_ref(store, cfg, {**eval_inputs, "problems": eval_problems_ref})
+    if "06" in selected:
+        for stage, ref in (("04", c2_model_ref), ("05", c3_model_ref)):
+            if stage not in selected:
+                _require(store, ref, stage, "06")
+        if eval_problems_ref != problems_ref:
+            statuses[eval_problems_ref.step + "_eval"] = run_step(
+                problems.problems_task, eval_problems_ref.cache_key, store.is_complete(eval_problems_ref), cfg.storage, result_storage,
+                eval_problems_ref, eval_dataset,
+            )
+        step(evaluate.evaluate_task, evaluation_ref, eval_problems_ref, eval_inputs, cfg)
+
+    all_refs = (problems_ref, heads_ref, traces_ref, heartbeats_ref, steps_ref, templates_ref, training_ref,
+                c2_features_ref, c2_model_ref, c3_features_ref, c3_model_ref, evaluation_ref)
     sections: list[ReportSection] = [
-        steps_section(statuses, {r.step: r for r in all_refs}, chunk_counts),
+        steps_section(statuses, {r.step: r for r in all_refs} | {"problems_eval": eval_problems_ref}, chunk_counts),
         problems.report_section(store, problems_ref),
     ]
     if store.is_complete(traces_ref):
@@ -125,6 +153,10 @@ def mycelium(
         sections.append(training_data.report_section(store, training_ref, list(cfg.c2.labels)))
     if "04" in selected:
         sections.append(train_c2.report_section(store, c2_model_ref, list(cfg.c2.labels)))
+    if "05" in selected:
+        sections.append(train_c3.report_section(store, c3_model_ref))
+    if "06" in selected:
+        sections.append(evaluate.report_section(store, evaluation_ref))
     title = f"# Mycelium run — stages {stages}{' (smoke)' if smoke else ''}\n"
     run_name = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{flow_run.name or 'local'}"
     summary = {"stages": stages, "smoke": smoke, "storage_root": store.root}

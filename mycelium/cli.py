@@ -1,7 +1,12 @@
 """The `mycelium` console command: a thin front over the Prefect flows.
 
-    mycelium run [--smoke] [--stages 00-03] [--config FILE] [--set key=value ...] [--json]
+    mycelium run [--smoke] [--stages 00-06] [--config FILE] [--set key=value ...] [--json]
+    mycelium eval --dataset SOURCE [--smoke] [--config FILE] [--set key=value ...] [--json]
     mycelium serve                     serve the flows as deployments for the Prefect UI
+
+`eval` is stage 06 alone on another dataset (GSM8K test, MATH-500, any JSONL whose question
+and answer fields config.yaml's dataset.fields names): it reuses the models that stages
+03-05 trained on `dataset.source`, which must therefore be the training set's source.
 
 `run` checks the inputs first (config, storage root, dataset, teacher) so that a bad one
 fails in one line before any work starts, then runs the flow and prints the report path
@@ -32,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=None, help="config file (default: the project's config.yaml)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     run.add_argument("--json", action="store_true", help="print summary.json to stdout instead of the report path")
+    evaluate = commands.add_parser("eval", help="evaluate the trained student (stage 06) on a dataset")
+    evaluate.add_argument("--dataset", required=True, help="a .jsonl/.json/.parquet path, s3:// path or hub name to evaluate on")
+    evaluate.add_argument("--smoke", action="store_true", help="use the models a `run --smoke` trained")
+    evaluate.add_argument("--config", default=None, help="config file (default: the project's config.yaml)")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    evaluate.add_argument("--json", action="store_true", help="print summary.json to stdout instead of the report path")
     commands.add_parser("serve", help="serve the flows as deployments (Prefect UI, schedules)")
     return parser
 
@@ -88,6 +99,18 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from mycelium.config import load_config
+    from mycelium.store import ArtifactStore
+    from tasks.problems import source_fingerprint
+
+    overrides = [*args.overrides, f"eval.dataset={args.dataset}"]
+    cfg = load_config(args.config, overrides, smoke=args.smoke)
+    options = ArtifactStore.from_settings().storage_options
+    source_fingerprint(cfg.dataset.model_copy(update={"source": args.dataset, "split": cfg.eval.split}), options)
+    return _run(argparse.Namespace(stages="06", config=args.config, overrides=overrides, smoke=args.smoke, json=args.json))
+
+
 def _serve(_args: argparse.Namespace) -> int:
     from flows.serve import serve_all
 
@@ -100,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     # Prefect's telemetry and update checks cannot reach the network here; keep them quiet.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        return {"run": _run, "serve": _serve}[args.command](args)
+        return {"run": _run, "eval": _eval, "serve": _serve}[args.command](args)
     except MyceliumError as exc:
         print(f"mycelium: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

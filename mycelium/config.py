@@ -186,6 +186,17 @@ class C3Config(Section):
     max_epochs: int = Field(ge=1)
     early_stopping_patience: int = Field(ge=1)
     provenance_types: list[str] = Field(min_length=1)
+    head_learning_rate: float = Field(gt=0.0)
+    hidden_size: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    weight_decay: float = Field(ge=0.0)
+    min_improvement: float = Field(ge=0.0)
+    max_length: int = Field(ge=8)
+    feature_batch_size: int = Field(ge=1)
+    context_tokens: int = Field(ge=0)
+    max_skeletons: int = Field(ge=0)
+    max_operands: int = Field(ge=1)
+    seed: int
 
 
 class TrainingDataConfig(Section):
@@ -201,12 +212,24 @@ class C4Config(Section):
 
 
 class EvalConfig(Section):
+    dataset: str | None = None
+    split: str = "test"
+    fields: DatasetFields | None = None
+    n_problems: int | None = Field(default=None, ge=1)
     beam_width: int = Field(ge=1)
     mcts_max_paths: int = Field(ge=1)
+    max_steps: int = Field(ge=1)
+    skeletons_per_label: int = Field(ge=1)
     voting: Literal["weighted", "majority", "top1"]
     numerical_consistency_boost: float = Field(ge=0.0)
     simplicity_penalty: float = Field(ge=0.0)
-    n_problems: int = Field(ge=1)
+    answer_digits: int = Field(ge=1, le=15)
+    answer_rel_tol: float = Field(gt=0.0)
+    check_timeout_s: float = Field(gt=0.0)
+    teacher_problems: int = Field(ge=0)
+    teacher_max_new_tokens: int = Field(ge=1)
+    easy_max_steps: int = Field(ge=1)
+    seed: int
 
 
 class StorageConfig(Section):

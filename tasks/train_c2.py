@@ -128,7 +128,7 @@ def build_model(ref: ArtifactRef, training_sets: ArtifactRef, features: Artifact
     history = pl.DataFrame([{k: v for k, v in h.items() if k != "per_label_f1"} for h in result.history])
     summary = _summary(final, base, result, len(train), validation, beats)
     with tempfile.TemporaryDirectory() as folder:
-        figure = plot_training(result.history, Path(folder) / "training_curve.png")
+        figure = plot_training(result.history, Path(folder) / "training_curve.png", "C2", C2_CURVES)
         store.write_file(ref, "training_curve.png", figure.read_bytes())
     store.write_file(ref, "summary.json", json.dumps(summary, indent=2, default=float).encode())
     store.write_table(ref, {"history": history, "validation": predictions}, metadata={"best_epoch": result.best_epoch})
@@ -164,7 +164,11 @@ def _summary(final: dict, base: dict, result: c2_model.C2Result, n_train: int, v
     return summary
 
 
-def plot_training(history: list[dict], path: str | Path) -> Path:
+C2_CURVES = {"any_correct_rate": "any-correct", "all_correct_rate": "all-correct", "macro_f1": "macro F1"}
+
+
+def plot_training(history: list[dict], path: str | Path, title: str, curves: dict[str, str]) -> Path:
+    """Loss per epoch (left) and validation metrics in [0, 1] per epoch (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,14 +179,14 @@ def plot_training(history: list[dict], path: str | Path) -> Path:
     left.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
     left.plot(epochs, [h["validation_loss"] for h in history], marker="o", label="validation")
     left.set_xlabel("epoch")
-    left.set_ylabel("BCE + w·MSE")
-    left.set_title("C2 loss")
+    left.set_ylabel("loss")
+    left.set_title(f"{title} loss")
     left.legend()
-    for key, name in (("any_correct_rate", "any-correct"), ("all_correct_rate", "all-correct"), ("macro_f1", "macro F1")):
+    for key, name in curves.items():
         right.plot(epochs, [h[key] for h in history], marker="o", label=name)
     right.set_xlabel("epoch")
     right.set_ylim(0, 1)
-    right.set_title("C2 on validation")
+    right.set_title(f"{title} on validation")
     right.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)

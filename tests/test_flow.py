@@ -234,3 +234,51 @@ def test_stage_04_trains_c2_and_a_head_setting_reuses_the_features(local_root):
 
     _, changed, _ = run_flow([*overrides, "c2.hidden_size=64"], stages="00-04")
     assert changed["steps_computed"] == ["c2_model"]
+
+
+STUDENT = [
+    "training_data.validation_fraction=0.5",
+    "training_data.split_seed=2",  # two of the four problems in each split (see the stage 04 test)
+    "c2.max_epochs=2",
+    "c3.max_epochs=2",
+    "eval.teacher_problems=1",
+    "eval.teacher_max_new_tokens=8",
+]
+
+
+def test_stages_05_06_train_c3_and_evaluate_then_eval_another_dataset(local_root, tmp_path):
+    report_path, summary, store = run_flow(STUDENT, stages="00-06")
+    assert {"c3_features", "c3_model", "evaluation"} <= set(summary["steps_computed"])
+    assert summary["c3_top1"]["n"] >= 1 and 0 <= summary["c3_chance_top1"] <= 1
+    n = summary["eval_n_problems"]
+    assert n == summary["c2_n_validation"] == 2  # the held-out split
+    assert summary["eval_student_accuracy"]["n"] == summary["eval_nearest_accuracy"]["n"] == n
+    assert summary["eval_teacher_accuracy"]["n"] == 1
+    # The oracle (gold steps and operands through C4) gets GSM8K problems right by construction.
+    assert summary["eval_oracle_accuracy"]["correct"] == summary["eval_oracle_accuracy"]["n"] == n
+    report = store.fs.cat_file(report_path).decode()
+    assert "## Stage 05" in report and "## Stage 06" in report and "McNemar" in report
+
+    # `mycelium eval --dataset` on a JSONL with its own field names: a text that must never
+    # run, a gold solution whose arithmetic would never finish, and an ordinary problem.
+    marker = tmp_path / "pwned"
+    rows = [
+        {"q": f"__import__('os').system('touch {marker}') apples cost 3 and 4. Total?", "a": "7", "sol": "3+4 = <<3+4=7>>7\n#### 7"},
+        {"q": "A tower has 9 floors of 9 rooms. How many rooms?", "a": "81", "sol": "<<9**9**9**9=1>>\n#### 81"},
+        {"q": "Tom has 5 apples and buys 3 more. How many apples does he have?", "a": "8", "sol": "5+3 = <<5+3=8>>8\n#### 8"},
+    ]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    from mycelium.cli import main
+
+    fields = ["eval.fields={problem: [q], solution: [sol, a], answer: [a], level: [level], subject: [subject]}"]
+    args = ["eval", "--smoke", "--dataset", str(data)]
+    for override in [*FAST, *STUDENT, *fields]:
+        args += ["--set", override]
+    assert main(args) == 0
+    assert not marker.exists()
+    results_path = store.fs.glob(posixpath.join(store.root, "artifacts", "evaluation", "*", "results", "*.parquet"))
+    tables = [pl.read_parquet(store.fs.cat_file(p)) for p in results_path]
+    mine = next(t for t in tables if "81" in t["gold"].to_list())  # this dataset's artifact, not the validation one
+    assert sorted(mine["gold"].to_list()) == ["7", "8", "81"] and mine["student_correct"].dtype == pl.Boolean
+    assert mine.filter(pl.col("gold") == "81")["oracle_answer"][0] is None  # the hanging step was cut off, not run forever

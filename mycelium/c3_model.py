@@ -1,0 +1,363 @@
+"""C3, the operand pointer: for each operand slot, which existing thing feeds it.
+
+Reads: problem texts, stage 03's `c3_slots` / `c3_operands` (gold provenance), the `c3` and
+`c4` config sections. Writes nothing itself: `train_c3` returns the model and its history;
+`save_c3` / `load_c3` turn it into safetensors + JSON.
+Time: on 2 CPU cores, reading ~6k GSM8K problems with the frozen backbone (token states,
+once) takes ~2 min; an epoch over ~70k pointer decisions a few seconds.
+You should see: per epoch the loss and the validation pointer accuracy (top-1 and within the
+beam), beside the accuracy of picking uniformly among the same candidates.
+
+The pointer can only point at what exists. For a problem with some earlier steps, the
+candidates of a slot are built from the problem and the chain so far (`candidates_for`):
+  TEXT      every number written in the problem (each reading: "50%" is 50 and 0.5);
+  IMPLICIT  every `c4.word_to_number` word present in the problem, as its value and reciprocal;
+  PRIOR     every earlier step's result;
+  CONSTANT  every `c4.domain_constants` entry;
+  END       the stop marker (a slot's operands are followed by one END).
+Each candidate has a feature vector: for TEXT/IMPLICIT, the frozen backbone's token states
+averaged over the span and over a few tokens of context either side; for every candidate, its
+kind, its value's magnitude and integrality, where it sits in the text, how far back a PRIOR
+step is, and which word or constant it is. The slot is the query: the problem's pooled
+embedding, the slot's C2 label, its skeleton (the most common `max_skeletons` of training;
+the rest share one id) and the operand's position. A small MLP scores every (query,
+candidate) pair; a softmax over the slot's candidates is trained with cross-entropy on the
+gold candidate. Decoding returns the top `beam_width` operand tuples with their log-scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mycelium.config import C3Config
+from mycelium.provenance import CONSTANT, END, IMPLICIT, PRIOR, TEXT, _inflected, find_mentions
+
+KINDS = (TEXT, IMPLICIT, PRIOR, CONSTANT, END)
+N_NUMERIC = 6  # log-magnitude, integral, below one, relative position, prior distance, reciprocal
+
+
+@dataclass(frozen=True)
+class Candidate:
+    kind: str
+    value: float | None = None
+    span_start: int | None = None
+    span_end: int | None = None
+    prior_step: int | None = None
+    word: str | None = None
+    constant: str | None = None
+    reciprocal: bool = False
+
+
+@dataclass
+class ProblemText:
+    """One problem's text-side candidates with their backbone features, and its pooled embedding."""
+
+    text: str
+    pooled: np.ndarray  # (dim,)
+    candidates: list[Candidate]  # TEXT and IMPLICIT only; PRIOR/CONSTANT/END depend on the slot
+    features: np.ndarray  # (len(candidates), 2 * dim)
+
+
+@dataclass
+class Vocabulary:
+    labels: list[str]
+    skeletons: list[str]  # index len(skeletons) = any other skeleton
+    words: list[str]
+    constants: list[str]
+    max_operands: int
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def text_candidates(text: str, word_to_number: Mapping[str, float]) -> list[Candidate]:
+    result = []
+    for mention in find_mentions(text):
+        for value in mention.values:
+            result.append(Candidate(TEXT, value, mention.start, mention.end))
+    lowered = text.lower()
+    for word, value in word_to_number.items():
+        pattern = r"%|\bpercent\b" if word == "percent" else _inflected(word)
+        match = re.search(pattern, lowered)
+        if match:
+            result.append(Candidate(IMPLICIT, float(value), match.start(), match.end(), word=word))
+            result.append(Candidate(IMPLICIT, 1.0 / float(value), match.start(), match.end(), word=word, reciprocal=True))
+    return result
+
+
+def slot_candidates(problem: ProblemText, prior_steps: Sequence[int], prior_values: Sequence[float], domain_constants: Mapping[str, float]) -> list[Candidate]:
+    """Everything a slot may point at: the text's candidates, earlier steps, constants, END."""
+    return [
+        *problem.candidates,
+        *(Candidate(PRIOR, float(v), prior_step=int(s)) for s, v in zip(prior_steps, prior_values, strict=True)),
+        *(Candidate(CONSTANT, float(v), constant=name) for name, v in domain_constants.items()),
+        Candidate(END),
+    ]
+
+
+def gold_candidate(candidates: Sequence[Candidate], operand: Mapping) -> int | None:
+    """Index of the candidate a gold operand row (stage 03's c3_operands) points at."""
+    kind = operand["provenance"]
+    for i, c in enumerate(candidates):
+        if c.kind != kind:
+            continue
+        if kind == END:
+            return i
+        if kind == PRIOR and c.prior_step == operand["prior_step"]:
+            return i
+        if kind == CONSTANT and c.constant == operand["constant"]:
+            return i
+        if kind in (TEXT, IMPLICIT) and c.span_start == operand["span_start"] and math.isclose(c.value, operand["value"], rel_tol=1e-9, abs_tol=1e-12):
+            return i
+    return None
+
+
+# --- backbone features ------------------------------------------------------------------------------
+
+
+def read_problems(encoder, texts: Sequence[str], word_to_number: Mapping[str, float], batch_size: int, context_tokens: int, progress: bool = True) -> list[ProblemText]:
+    """Run the frozen backbone once per problem and keep only candidate features."""
+    from tqdm.auto import tqdm
+
+    result = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(texts), batch_size), desc="c3 read problems", unit="batch", disable=not progress):
+            batch_texts = list(texts[start : start + batch_size])
+            batch = encoder.tokenizer(batch_texts, padding=True, truncation=True, max_length=encoder.max_length,
+                                      return_offsets_mapping=True, return_tensors="pt")
+            offsets = batch.pop("offset_mapping").numpy()
+            states = encoder.model(**batch.to(encoder.model.device)).last_hidden_state.float().cpu().numpy()
+            mask = batch["attention_mask"].cpu().numpy().astype(bool)
+            for row, text in enumerate(batch_texts):
+                real = mask[row]
+                token_states, token_offsets = states[row][real], offsets[row][real]
+                pooled = token_states.mean(0)
+                candidates = text_candidates(text, word_to_number)
+                features = np.stack([_span_features(token_states, token_offsets, c.span_start, c.span_end, context_tokens) for c in candidates]) if candidates else np.zeros((0, 2 * states.shape[-1]), np.float32)
+                result.append(ProblemText(text, pooled.astype(np.float32), candidates, features.astype(np.float32)))
+    return result
+
+
+def _span_features(states: np.ndarray, offsets: np.ndarray, start: int, end: int, context_tokens: int) -> np.ndarray:
+    inside = np.flatnonzero((offsets[:, 0] < end) & (offsets[:, 1] > start) & (offsets[:, 1] > offsets[:, 0]))
+    if len(inside) == 0:  # truncated away: no text evidence
+        return np.zeros(2 * states.shape[-1], np.float32)
+    lo, hi = max(0, inside[0] - context_tokens), min(len(states), inside[-1] + 1 + context_tokens)
+    return np.concatenate([states[inside].mean(0), states[lo:hi].mean(0)])
+
+
+# --- turning slots into tensors -----------------------------------------------------------------------
+
+
+def candidate_numeric(c: Candidate, text_length: int, step_index: int, vocab: Vocabulary) -> np.ndarray:
+    kind = np.zeros(len(KINDS), np.float32)
+    kind[KINDS.index(c.kind)] = 1.0
+    value = c.value if c.value is not None else 0.0
+    numeric = np.array([
+        math.log10(1.0 + abs(value)),
+        float(c.value is not None and float(value).is_integer()),
+        float(c.value is not None and abs(value) < 1.0),
+        (c.span_start / max(text_length, 1)) if c.span_start is not None else -1.0,
+        1.0 / (step_index - c.prior_step) if c.prior_step is not None and step_index > c.prior_step else 0.0,
+        float(c.reciprocal),
+    ], np.float32)
+    word = np.zeros(len(vocab.words), np.float32)
+    if c.word in vocab.words:
+        word[vocab.words.index(c.word)] = 1.0
+    constant = np.zeros(len(vocab.constants), np.float32)
+    if c.constant in vocab.constants:
+        constant[vocab.constants.index(c.constant)] = 1.0
+    return np.concatenate([kind, numeric, word, constant])
+
+
+def query_vector(problem: ProblemText, label: str, skeleton: str, operand_index: int, step_position: int, n_prior: int, vocab: Vocabulary) -> np.ndarray:
+    label_hot = np.zeros(len(vocab.labels), np.float32)
+    if label in vocab.labels:
+        label_hot[vocab.labels.index(label)] = 1.0
+    skeleton_hot = np.zeros(len(vocab.skeletons) + 1, np.float32)
+    skeleton_hot[vocab.skeletons.index(skeleton) if skeleton in vocab.skeletons else len(vocab.skeletons)] = 1.0
+    operand_hot = np.zeros(vocab.max_operands + 1, np.float32)
+    operand_hot[min(operand_index, vocab.max_operands)] = 1.0
+    extra = np.array([float(n_prior == 0), math.log1p(n_prior), math.log1p(step_position)], np.float32)
+    return np.concatenate([problem.pooled, label_hot, skeleton_hot, operand_hot, extra])
+
+
+@dataclass
+class PointerExample:
+    query: np.ndarray
+    text_features: np.ndarray  # (n_candidates, 2*dim): zeros for non-text candidates
+    numeric: np.ndarray  # (n_candidates, n_numeric)
+    gold: int
+    candidates: list[Candidate] = field(repr=False, default_factory=list)
+    gold_kind: str | None = None
+
+
+def slot_examples(problem: ProblemText, label: str, skeleton: str, step_index: int, step_position: int,
+                  prior_steps: Sequence[int], prior_values: Sequence[float], gold_operands: Sequence[Mapping] | None,
+                  n_operands: int, domain_constants: Mapping[str, float], vocab: Vocabulary) -> list[PointerExample]:
+    """One example per operand position of a slot (plus END when gold is given)."""
+    candidates = slot_candidates(problem, prior_steps, prior_values, domain_constants)
+    dim2 = problem.features.shape[1] if problem.features.size else 2 * len(problem.pooled)
+    text_features = np.zeros((len(candidates), dim2), np.float32)
+    if len(problem.candidates):
+        text_features[: len(problem.candidates)] = problem.features
+    numeric = np.stack([candidate_numeric(c, len(problem.text), step_index, vocab) for c in candidates])
+    examples = []
+    positions = range(len(gold_operands)) if gold_operands is not None else range(n_operands)
+    for k in positions:
+        gold = gold_candidate(candidates, gold_operands[k]) if gold_operands is not None else -1
+        if gold is None:
+            continue
+        query = query_vector(problem, label, skeleton, k, step_position, len(prior_steps), vocab)
+        kind = gold_operands[k]["provenance"] if gold_operands is not None else None
+        examples.append(PointerExample(query, text_features, numeric, gold, candidates, kind))
+    return examples
+
+
+def collate(examples: Sequence[PointerExample]) -> dict[str, torch.Tensor]:
+    width = max(len(e.numeric) for e in examples)
+    n = len(examples)
+    text = np.zeros((n, width, examples[0].text_features.shape[1]), np.float32)
+    numeric = np.zeros((n, width, examples[0].numeric.shape[1]), np.float32)
+    mask = np.zeros((n, width), bool)
+    for i, e in enumerate(examples):
+        m = len(e.numeric)
+        text[i, :m], numeric[i, :m], mask[i, :m] = e.text_features, e.numeric, True
+    return {
+        "query": torch.from_numpy(np.stack([e.query for e in examples])),
+        "text": torch.from_numpy(text),
+        "numeric": torch.from_numpy(numeric),
+        "mask": torch.from_numpy(mask),
+        "gold": torch.tensor([e.gold for e in examples]),
+    }
+
+
+# --- the model ----------------------------------------------------------------------------------------
+
+
+class PointerScorer(nn.Module):
+    def __init__(self, query_dim: int, text_dim: int, numeric_dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.query = nn.Sequential(nn.Linear(query_dim, hidden), nn.GELU(), nn.Dropout(dropout))
+        self.candidate = nn.Sequential(nn.Linear(text_dim + numeric_dim, hidden), nn.GELU(), nn.Dropout(dropout))
+        self.score = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, query, text, numeric, mask) -> torch.Tensor:
+        """Log-probabilities over each example's candidates (padding gets -inf)."""
+        q = self.query(query).unsqueeze(1).expand(-1, text.shape[1], -1)
+        c = self.candidate(torch.cat([text, numeric], dim=-1))
+        logits = self.score(torch.cat([q, c, q * c], dim=-1)).squeeze(-1)
+        return torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+@dataclass
+class C3Result:
+    model: PointerScorer
+    history: list[dict[str, Any]]
+    best_epoch: int
+
+
+def evaluate(model: PointerScorer, examples: Sequence[PointerExample], batch_size: int, beam_width: int) -> dict[str, float]:
+    model.eval()
+    loss, top1, in_beam, chance = 0.0, 0, 0, 0.0
+    with torch.inference_mode():
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = collate(chunk)
+            log_probs = model(batch["query"], batch["text"], batch["numeric"], batch["mask"])
+            loss -= float(log_probs.gather(1, batch["gold"][:, None]).sum())
+            ranks = (log_probs > log_probs.gather(1, batch["gold"][:, None])).sum(1)
+            top1 += int((ranks == 0).sum())
+            in_beam += int((ranks < beam_width).sum())
+            chance += float((1.0 / batch["mask"].sum(1)).sum())
+    n = max(len(examples), 1)
+    return {"n": len(examples), "loss": loss / n, "top1": top1, "in_beam": in_beam, "top1_rate": top1 / n, "in_beam_rate": in_beam / n, "chance_top1_rate": chance / n}
+
+
+def train_c3(train: Sequence[PointerExample], validation: Sequence[PointerExample], cfg: C3Config, beam_width: int, log=print) -> C3Result:
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    first = train[0]
+    model = PointerScorer(len(first.query), first.text_features.shape[1], first.numeric.shape[1], cfg.hidden_size, cfg.dropout)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.head_learning_rate, weight_decay=cfg.weight_decay)
+    history, best, best_state, stale, best_epoch = [], math.inf, None, 0, 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        model.train()
+        order = torch.randperm(len(train), generator=generator).tolist()
+        total = 0.0
+        for start in range(0, len(order), cfg.batch_size):
+            batch = collate([train[i] for i in order[start : start + cfg.batch_size]])
+            log_probs = model(batch["query"], batch["text"], batch["numeric"], batch["mask"])
+            loss = -log_probs.gather(1, batch["gold"][:, None]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch["gold"])
+        scores = evaluate(model, validation, cfg.batch_size, beam_width)
+        record = {"epoch": epoch, "train_loss": total / len(train), "validation_loss": scores["loss"], **{k: v for k, v in scores.items() if k != "loss"}}
+        history.append(record)
+        log(f"epoch {epoch}: train loss {record['train_loss']:.4f}, validation loss {scores['loss']:.4f}, "
+            f"top-1 {scores['top1_rate']:.3f}, in beam {scores['in_beam_rate']:.3f} (chance {scores['chance_top1_rate']:.3f})")
+        if scores["loss"] < best - cfg.min_improvement:
+            best, stale, best_epoch = scores["loss"], 0, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= cfg.early_stopping_patience:
+                log(f"early stop after epoch {epoch}; best epoch {best_epoch}")
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return C3Result(model.eval(), history, best_epoch)
+
+
+def decode(model: PointerScorer, examples: Sequence[PointerExample], beam_width: int) -> list[tuple[list[Candidate], float]]:
+    """Top `beam_width` operand tuples for one slot (one example per operand position): each a
+    list of distinct candidates (never END inside a tuple) with its summed log-probability."""
+    if not examples:
+        return [([], 0.0)]
+    with torch.inference_mode():
+        batch = collate(examples)
+        log_probs = model(batch["query"], batch["text"], batch["numeric"], batch["mask"]).numpy()
+    beams: list[tuple[list[int], float]] = [([], 0.0)]
+    candidates = examples[0].candidates
+    for position in range(len(examples)):
+        row = log_probs[position]
+        options = [i for i in np.argsort(-row) if np.isfinite(row[i]) and candidates[i].kind != END][: beam_width + position]
+        # One candidate fills at most one operand of a slot (two equal numbers are two candidates).
+        grown = ((chosen + [i], score + float(row[i])) for chosen, score in beams for i in options if i not in chosen)
+        beams = sorted(grown, key=lambda b: -b[1])[:beam_width]
+    return [([candidates[i] for i in chosen], score) for chosen, score in beams]
+
+
+def build_vocabulary(labels: Sequence[str], skeleton_counts: Counter, word_to_number: Mapping, domain_constants: Mapping, cfg: C3Config) -> Vocabulary:
+    return Vocabulary(list(labels), [s for s, _ in skeleton_counts.most_common(cfg.max_skeletons)], list(word_to_number), list(domain_constants), cfg.max_operands)
+
+
+def save_c3(result: C3Result, vocab: Vocabulary, dims: dict[str, int], cfg: C3Config) -> dict[str, bytes]:
+    from safetensors.torch import save
+
+    config = {"vocabulary": vocab.to_json(), "dims": dims, "hidden_size": cfg.hidden_size, "dropout": cfg.dropout,
+              "backbone": cfg.backbone, "max_length": cfg.max_length, "context_tokens": cfg.context_tokens, "best_epoch": result.best_epoch}
+    return {"c3_pointer.safetensors": save({k: v.contiguous() for k, v in result.model.state_dict().items()}),
+            "c3_config.json": json.dumps(config, indent=2).encode()}
+
+
+def load_c3(files: Mapping[str, bytes]) -> tuple[PointerScorer, Vocabulary, dict[str, Any]]:
+    from safetensors.torch import load
+
+    config = json.loads(files["c3_config.json"])
+    dims = config["dims"]
+    model = PointerScorer(dims["query"], dims["text"], dims["numeric"], config["hidden_size"], config["dropout"])
+    model.load_state_dict(load(files["c3_pointer.safetensors"]))
+    return model.eval(), Vocabulary(**config["vocabulary"]), config

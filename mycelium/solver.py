@@ -1,0 +1,330 @@
+"""The student at inference: C2 → C3 → C4 in a search, no chain of thought.
+
+Reads: a problem text, the trained C2 heads and C3 pointer (stages 04-05), the skeletons
+each C2 label took in training, and the `eval`, `c4` and `steps` config sections. Writes
+nothing. Time: a few milliseconds to tens of milliseconds per problem on a CPU after the
+backbone has read it (one MiniLM pass shared by C2 and C3); the search itself is small MLP
+calls and float arithmetic.
+You should see: for each problem the predicted labels, the chosen chain (skeleton and
+operands per step), the answer and the ranked list of distinct candidate answers.
+
+The search (a beam over partial chains, bounded by `eval.mcts_max_paths` finished chains):
+  1. C2 gives label probabilities; the labels at or above its threshold must each be used by
+     some step (the most probable label when none passes). Labels without any training
+     skeleton cannot be executed and are left out, and at most `eval.max_steps` are kept.
+  2. A partial chain is extended by one step: a skeleton of one of the predicted labels (the
+     `eval.skeletons_per_label` most common in training for that label), its operands from
+     C3's beam (which points only at the problem's numbers and words, earlier results,
+     constants), and C4 evaluates it. Its score adds C3's log-probabilities and the log of C2's
+     probability of that label; `eval.simplicity_penalty` is paid per step.
+  3. A chain is finished once every predicted label has been used and every earlier result
+     has been consumed by a later step, at which point its last value is a candidate answer; chains longer than `eval.max_steps` are dropped. Order is
+     greedy by score; other orders of the labels come through the beam (the fallback when
+     the greedy order yields nothing).
+  4. Voting over finished chains: `weighted` sums exp(score) per distinct answer, `majority`
+     counts chains, `top1` takes the best chain; an answer that is a whole number gets
+     `eval.numerical_consistency_boost` added to its log-weight (word-problem answers are
+     almost always whole numbers).
+
+C4 here runs compiled skeletons: each distinct skeleton is parsed once through the bounded
+whitelist parser (`mycelium.expressions`) with its slots as symbols, and then evaluated by a
+small walk over that sympy tree in Python floats — no eval, and arithmetic on floats cannot
+hang (huge powers overflow and return None).
+"""
+
+from __future__ import annotations
+
+import math
+import string
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import sympy
+import torch
+
+from mycelium import c2_model, c3_model
+from mycelium.expressions import ExpressionError, parse_expression
+
+SLOT_SYMBOLS = string.ascii_lowercase  # skeleton slot i is parsed as the i-th letter
+MAX_FACTORIAL = 170  # the largest n whose factorial is a finite float
+MAX_EXPONENT = 1024.0  # |exponent| beyond this is an overflow or underflow of a float anyway
+
+
+# --- C4, compiled ------------------------------------------------------------------------------------
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _walk(node: sympy.Basic, values: Sequence[float]) -> float:
+    if node.is_Symbol:
+        return values[SLOT_SYMBOLS.index(node.name)]
+    if node.is_Number:
+        return float(node)
+    if node is sympy.pi:
+        return math.pi
+    if node is sympy.E:
+        return math.e
+    args = [_walk(a, values) for a in node.args]
+    if node.is_Add:
+        return math.fsum(args)
+    if node.is_Mul:
+        return math.prod(args)
+    if node.is_Pow:
+        base, exponent = args
+        if abs(exponent) > MAX_EXPONENT or (base == 0 and exponent < 0):
+            raise _Unsupported
+        result = base**exponent
+        if isinstance(result, complex):
+            raise _Unsupported
+        return result
+    name = type(node).__name__
+    unary = {"sin": math.sin, "cos": math.cos, "tan": math.tan, "log": math.log, "exp": math.exp,
+             "Abs": abs, "floor": math.floor, "ceiling": math.ceil}
+    if name in unary:
+        return float(unary[name](args[0]))
+    if name == "factorial" and float(args[0]).is_integer() and 0 <= args[0] <= MAX_FACTORIAL:
+        return float(math.factorial(int(args[0])))
+    if name == "Mod" and args[1] != 0:
+        return math.fmod(args[0], args[1]) if args[0] >= 0 else args[0] % args[1]
+    raise _Unsupported
+
+
+@lru_cache(maxsize=4096)
+def compile_skeleton(skeleton: str, timeout_s: float, max_length: int) -> tuple[sympy.Basic, int] | None:
+    """The skeleton's sympy tree with slot i as the i-th letter, and its arity; None when the
+    skeleton is not whitelist arithmetic."""
+    arity = len(set(_slots(skeleton)))
+    if arity > len(SLOT_SYMBOLS):
+        return None
+    text = skeleton
+    for i in range(arity):
+        text = text.replace("{%d}" % i, f"({SLOT_SYMBOLS[i]})")  # noqa: UP031 — literal braces
+    try:
+        return parse_expression(text, timeout_s, max_length), arity
+    except ExpressionError:
+        return None
+
+
+def _slots(skeleton: str) -> list[int]:
+    import re
+
+    return [int(m) for m in re.findall(r"\{(\d+)\}", skeleton)]
+
+
+def run_skeleton(skeleton: str, values: Sequence[float], timeout_s: float, max_length: int) -> float | None:
+    """C4 on floats: the skeleton's value with `values` in its slots; None if undefined."""
+    compiled = compile_skeleton(skeleton, timeout_s, max_length)
+    if compiled is None or compiled[1] != len(values):
+        return None
+    try:
+        value = _walk(compiled[0], values)
+    except (_Unsupported, OverflowError, ValueError, ZeroDivisionError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+# --- the search ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchSettings:
+    threshold: float
+    beam_width: int
+    max_paths: int
+    max_steps: int
+    skeletons_per_label: int
+    voting: str
+    numerical_consistency_boost: float
+    simplicity_penalty: float
+    timeout_s: float
+    max_length: int
+    domain_constants: Mapping[str, float]
+    answer_digits: int  # significant digits under which two answers count as the same
+
+
+@dataclass
+class Student:
+    c2_heads: c2_model.C2Heads
+    c2_labels: list[str]
+    c3: c3_model.PointerScorer
+    vocab: c3_model.Vocabulary
+    skeletons_by_label: dict[str, list[str]]  # label → most common training skeletons first
+
+
+@dataclass
+class Step:
+    label: str
+    skeleton: str
+    operands: list[c3_model.Candidate]
+    value: float
+
+
+@dataclass
+class Chain:
+    steps: list[Step] = field(default_factory=list)
+    score: float = 0.0
+
+    def values(self) -> list[float]:
+        return [s.value for s in self.steps]
+
+
+@dataclass
+class Solution:
+    answer: float | None
+    ranked_answers: list[tuple[float, float]]  # (answer, vote weight), best first
+    chain: Chain | None
+    labels: list[str]
+    label_probabilities: list[float]
+    n_chains: int
+    seconds: float
+
+    def expression(self) -> str | None:
+        """The best chain as one readable line: each step's filled skeleton."""
+        if self.chain is None:
+            return None
+        parts = []
+        for i, step in enumerate(self.chain.steps):
+            filled = step.skeleton
+            for k, operand in enumerate(step.operands):
+                shown = f"s{operand.prior_step}" if operand.kind == c3_model.PRIOR else f"{operand.value:g}"
+                filled = filled.replace("{%d}" % k, shown)  # noqa: UP031
+            parts.append(f"s{i}={filled}")
+        return "; ".join(parts)
+
+
+def _answer_key(value: float, digits: int) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def extend(student: Student, problem: c3_model.ProblemText, chain: Chain, label: str, label_logp: float, skeleton: str,
+           settings: SearchSettings) -> list[Chain]:
+    """Every way C3's beam fills one more step of `chain` with `skeleton`."""
+    compiled = compile_skeleton(skeleton, settings.timeout_s, settings.max_length)
+    if compiled is None:
+        return []
+    arity = compiled[1]
+    n_prior = len(chain.steps)
+    prior_steps, prior_values = list(range(n_prior)), chain.values()
+    examples = c3_model.slot_examples(problem, label, skeleton, n_prior, n_prior, prior_steps, prior_values, None, arity,
+                                      settings.domain_constants, student.vocab)
+    result = []
+    for operands, logp in c3_model.decode(student.c3, examples, settings.beam_width):
+        value = run_skeleton(skeleton, [o.value for o in operands], settings.timeout_s, settings.max_length)
+        if value is None:
+            continue
+        step = Step(label, skeleton, operands, value)
+        result.append(Chain([*chain.steps, step], chain.score + logp + label_logp - settings.simplicity_penalty))
+    return result
+
+
+def predict_labels(student: Student, pooled: np.ndarray, threshold: float) -> tuple[list[str], np.ndarray]:
+    """C2 on the problem's mean-pooled backbone output, L2-normalised as in training."""
+    normalised = pooled / max(float(np.linalg.norm(pooled)), 1e-12)
+    with torch.inference_mode():
+        logits, _ = student.c2_heads(torch.from_numpy(normalised[None, :]).float())
+    probabilities = torch.sigmoid(logits)[0].numpy()
+    chosen = [student.c2_labels[i] for i in np.flatnonzero(probabilities >= threshold)]
+    if not chosen:
+        chosen = [student.c2_labels[int(np.argmax(probabilities))]]
+    return chosen, probabilities
+
+
+def search(student: Student, problem: c3_model.ProblemText, labels: Sequence[str], probabilities: np.ndarray,
+           settings: SearchSettings, plan: Sequence[tuple[str, str]] | None = None) -> list[Chain]:
+    """Finished chains, best first. With `plan` (label, skeleton) steps are fixed in order
+    (the nearest-neighbour baseline); otherwise the beam chooses them."""
+    index = {label: i for i, label in enumerate(student.c2_labels)}
+    log_p = {label: math.log(max(float(probabilities[index[label]]), 1e-6)) if label in index else 0.0 for label in labels}
+    beam, finished = [Chain()], []
+    for depth in range(settings.max_steps if plan is None else len(plan)):
+        expanded = []
+        for chain in beam:
+            if plan is not None:
+                label, skeleton = plan[depth]
+                options = [(label, skeleton)]
+            else:
+                options = [(label, s) for label in labels for s in student.skeletons_by_label.get(label, [])[: settings.skeletons_per_label]]
+            for label, skeleton in options:
+                expanded += extend(student, problem, chain, label, log_p.get(label, 0.0), skeleton, settings)
+        expanded.sort(key=lambda c: -c.score)
+        beam = []
+        for chain in expanded:
+            used = {s.label for s in chain.steps}
+            done = len(chain.steps) == len(plan) if plan is not None else set(labels) <= used
+            if not done:
+                beam.append(chain)
+            elif every_result_used(chain):
+                finished.append(chain)
+        beam = beam[: settings.beam_width]
+        if len(finished) >= settings.max_paths or not beam:
+            break
+    return sorted(finished, key=lambda c: -c.score)[: settings.max_paths]
+
+
+def every_result_used(chain: Chain) -> bool:
+    """A finished chain uses every earlier step's result: a value computed and then ignored
+    means the chain is not the computation that produced its answer."""
+    consumed = {o.prior_step for step in chain.steps for o in step.operands if o.kind == c3_model.PRIOR}
+    return all(i in consumed for i in range(len(chain.steps) - 1))
+
+
+def vote(chains: Sequence[Chain], settings: SearchSettings) -> list[tuple[float, float]]:
+    weights: dict[float, float] = defaultdict(float)
+    best = max((c.score for c in chains), default=0.0)
+    for rank, chain in enumerate(chains):
+        key = _answer_key(chain.steps[-1].value, settings.answer_digits)
+        boost = settings.numerical_consistency_boost if float(key).is_integer() else 0.0
+        if settings.voting == "weighted":
+            weights[key] += math.exp(chain.score - best + boost)
+        elif settings.voting == "majority":
+            weights[key] += math.exp(boost)
+        elif rank == 0:  # top1
+            weights[key] = 1.0
+    return sorted(weights.items(), key=lambda kv: -kv[1])
+
+
+def executable_labels(student: Student, labels: Sequence[str], probabilities: np.ndarray, max_steps: int) -> list[str]:
+    """The labels a chain must cover: those with a training skeleton (a label C4 has never
+    seen cannot be executed), the most probable first, at most `max_steps` of them."""
+    index = {label: i for i, label in enumerate(student.c2_labels)}
+    usable = [label for label in labels if student.skeletons_by_label.get(label)]
+    usable.sort(key=lambda label: -float(probabilities[index[label]]))
+    if not usable:  # fall back to the most probable label that can be executed
+        ranked = sorted((label for label in student.c2_labels if student.skeletons_by_label.get(label)), key=lambda label: -float(probabilities[index[label]]))
+        usable = ranked[:1]
+    return usable[:max_steps]
+
+
+def solve(student: Student, problem: c3_model.ProblemText, settings: SearchSettings, plan=None, started: float | None = None) -> Solution:
+    started = time.perf_counter() if started is None else started
+    labels, probabilities = predict_labels(student, problem.pooled, settings.threshold)
+    labels = executable_labels(student, labels, probabilities, settings.max_steps)
+    if plan is not None:
+        labels = [label for label, _ in plan]
+    chains = search(student, problem, labels, probabilities, settings, plan)
+    ranked = vote(chains, settings)
+    answer = ranked[0][0] if ranked else None
+    best_chain = next((c for c in chains if answer is not None and _answer_key(c.steps[-1].value, settings.answer_digits) == answer), None)
+    return Solution(answer, ranked, best_chain, list(labels), probabilities.tolist(), len(chains), time.perf_counter() - started)
+
+
+def solve_plan_values(skeletons: Sequence[str], operand_values: Sequence[Sequence[float | None]], prior_refs: Sequence[Sequence[int | None]],
+                      settings: SearchSettings) -> list[float | None]:
+    """Run a fixed chain (the oracle): per step its skeleton, operand values, and for PRIOR
+    operands the index of the step whose value they take (None otherwise)."""
+    values: list[float | None] = []
+    for skeleton, operands, refs in zip(skeletons, operand_values, prior_refs, strict=True):
+        filled = [values[r] if r is not None else v for v, r in zip(operands, refs, strict=True)]
+        values.append(None if any(v is None for v in filled) else run_skeleton(skeleton, filled, settings.timeout_s, settings.max_length))
+    return values
+
+
+def student_summary(solution: Solution) -> dict[str, Any]:
+    return {"answer": solution.answer, "labels": solution.labels, "expression": solution.expression(), "n_chains": solution.n_chains}

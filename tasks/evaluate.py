@@ -1,0 +1,409 @@
+"""Stage 06 — evaluate the student (C2 → C3 → C4, no chain of thought) against baselines.
+
+Reads:  the evaluation problems (the held-out validation split of the training set, or any
+        dataset through `eval.dataset`: GSM8K test, MATH-500, a JSONL with question and answer
+        fields), the C2 model (stage 04), the C3 model and features (stage 05), the training
+        sets (stage 03: skeletons per label, the nearest-neighbour pool), the teacher, and the
+        `eval`, `c2`, `c3`, `c4`, `steps`, `teacher` config sections.
+Writes: artifact `evaluation` with table `results` (one row per problem: gold, every system's
+        answer and correctness, the student's labels, chain and latency) and files
+        `summary.json`, `accuracy.png`.
+Time:   the student: one MiniLM pass per problem plus the search, ~10-100 ms on 2 CPU cores.
+        The teacher's chain of thought: SmolLM2-135M writes ~28 tokens/s on CPU, so the
+        `eval.teacher_problems` subset (100 by default) costs ~10-25 min on CPU.
+You should see: accuracy with count and 95% Wilson interval for the student, the teacher's own
+chain of thought, the nearest-neighbour baseline and the oracle; McNemar p-values of the
+student against each; correct-in-beam@k; the share of problems where the search found any
+valid chain; latency p50/p95 for easy and hard problems; per MATH level and subject.
+
+Systems, on the same problem ids:
+  student    C2 labels → beam search over chains (C3 operands, C4 arithmetic) → voted answer.
+  teacher    the teacher generates its chain of thought (greedy); its final answer is
+             extracted (boxed, ####, "the answer is", else the last number).
+  nearest    the most similar training problem (cosine of the same MiniLM embedding) lends
+             its step sequence (label, skeleton per step); C3 fills the operands.
+  oracle     the problem's own gold steps (stage 02's splitter) and gold operands (stage
+             03's provenance) through C4 — what the assembler can express at best. Defined
+             only where the gold solution has annotated steps.
+Answer checks: numbers within `eval.answer_rel_tol` (GSM8K style); for MATH rows also
+math-verify and the Hendrycks normalised string check, reported side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from prefect import get_run_logger, task
+from scipy import stats as scipy_stats
+
+from mycelium import answers, c2_model, c3_model, provenance, solver, stats, steps
+from mycelium import encoder as encoder_module
+from mycelium.config import MyceliumConfig
+from mycelium.errors import MyceliumError
+from mycelium.reports import ReportSection
+from mycelium.store import ArtifactRef, ArtifactStore, artifact_digest, source_code_version
+
+STEP = "evaluation"
+SYSTEMS = ("student", "teacher", "nearest", "oracle")
+RESULTS_SCHEMA = {
+    "problem_id": pl.Utf8, "level": pl.Int64, "subject": pl.Utf8, "source": pl.Utf8, "gold": pl.Utf8, "n_gold_steps": pl.Int32,
+    "student_answer": pl.Utf8, "student_correct": pl.Boolean, "student_numeric": pl.Boolean, "student_math_verify": pl.Boolean,
+    "student_hendrycks": pl.Boolean, "student_in_beam": pl.Boolean, "student_labels": pl.List(pl.Utf8), "student_expression": pl.Utf8,
+    "student_chains": pl.Int32, "student_ms": pl.Float64, "nearest_problem": pl.Utf8, "nearest_answer": pl.Utf8,
+    "nearest_correct": pl.Boolean, "oracle_answer": pl.Utf8, "oracle_correct": pl.Boolean, "teacher_answer": pl.Utf8,
+    "teacher_correct": pl.Boolean, "teacher_ms": pl.Float64, "teacher_text": pl.Utf8,
+}
+MATH_SOURCE = "math"
+
+
+def _code_version() -> str:
+    return source_code_version(sys.modules[__name__], solver, c3_model, c2_model, answers, provenance)
+
+
+def evaluation_ref(store: ArtifactStore, cfg: MyceliumConfig, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
+    payload = {"eval": cfg.eval.digest_payload(), "teacher": {k: v for k, v in cfg.teacher.digest_payload().items() if k not in ("device", "torch_threads")},
+               "c4": cfg.c4.digest_payload(), "steps": cfg.steps.digest_payload()}
+    return store.ref(STEP, artifact_digest(STEP, payload, [inputs[k] for k in sorted(inputs)], _code_version()))
+
+
+def format_answer(value: float | None) -> str | None:
+    if value is None:
+        return None
+    return str(int(round(value))) if float(value).is_integer() else repr(float(value))
+
+
+# --- loading the student ---------------------------------------------------------------------------
+
+
+def load_student(store: ArtifactStore, inputs: dict[str, ArtifactRef], cfg: MyceliumConfig) -> solver.Student:
+    c2_files = {name: store.read_file(inputs["c2_model"], name) for name in ("c2_heads.safetensors", "c2_config.json")}
+    heads, c2_config = c2_model.load_c2(c2_files)
+    c3_files = {name: store.read_file(inputs["c3_model"], name) for name in ("c3_pointer.safetensors", "c3_config.json")}
+    pointer, vocab, _ = c3_model.load_c3(c3_files)
+    slots = store.read(inputs["training_sets"], "c3_slots").filter(pl.col("split") == "train")
+    counts = slots.group_by("label", "skeleton").len().sort(["label", "len", "skeleton"], descending=[False, True, False])
+    by_label: dict[str, list[str]] = {}
+    for label, skeleton, _ in counts.iter_rows():
+        by_label.setdefault(label, []).append(skeleton)
+    return solver.Student(heads, list(c2_config["labels"]), pointer, vocab, by_label)
+
+
+def search_settings(cfg: MyceliumConfig) -> solver.SearchSettings:
+    e = cfg.eval
+    return solver.SearchSettings(cfg.c2.threshold, e.beam_width, e.mcts_max_paths, e.max_steps, e.skeletons_per_label, e.voting,
+                                 e.numerical_consistency_boost, e.simplicity_penalty, cfg.steps.expression_timeout_s,
+                                 cfg.steps.max_expression_length, dict(cfg.c4.domain_constants), e.answer_digits)
+
+
+# --- checking answers ----------------------------------------------------------------------------------
+
+
+def check(predicted: str | None, gold: str | None, is_math: bool, cfg: MyceliumConfig) -> dict[str, bool | None]:
+    """numeric, and for MATH rows also math_verify and hendrycks (None where not applicable)."""
+    if gold is None:
+        return {"numeric": None, "math_verify": None, "hendrycks": None}
+    if predicted is None:
+        return {"numeric": False, "math_verify": False if is_math else None, "hendrycks": False if is_math else None}
+    return {
+        "numeric": answers.check_numeric(predicted, gold, cfg.eval.answer_rel_tol),
+        "math_verify": answers.check_math_verify(predicted, gold, cfg.eval.check_timeout_s) if is_math else None,
+        "hendrycks": answers.check_hendrycks(predicted, gold) if is_math else None,
+    }
+
+
+def correct(result: dict[str, bool | None], is_math: bool) -> bool:
+    """The headline verdict: math-verify on MATH rows, the numeric check elsewhere."""
+    return bool(result["math_verify"] if is_math else result["numeric"])
+
+
+# --- baselines -----------------------------------------------------------------------------------------
+
+
+def oracle_answer(row: dict, step_settings: steps.StepSettings, prov_settings: provenance.ProvenanceSettings, search: solver.SearchSettings) -> tuple[float | None, int]:
+    """Gold steps and gold operands through C4; (answer, number of gold steps)."""
+    split = steps.split_solution({"problem_id": row["problem_id"], "solution": row.get("solution") or ""}, step_settings)
+    if not split.steps:
+        return None, 0
+    step_rows = [{"step_index": s.index, "expression": s.expression_text, "result": s.result_text, "value": s.value,
+                  "char_start": s.char_start, "char_end": s.char_end} for s in split.steps]
+    labelled = provenance.label_problem(str(row["problem_id"]), str(row["problem"]), str(row["solution"]), step_rows, prov_settings)
+    by_step: dict[int, list] = {}
+    for operand in labelled.operands:
+        by_step.setdefault(operand.step_index, []).append(operand)
+    position = {s["step_index"]: i for i, s in enumerate(step_rows)}
+    values, refs = [], []
+    for step in step_rows:
+        operands = sorted(by_step.get(step["step_index"], []), key=lambda o: o.operand_index)
+        values.append([o.value for o in operands])
+        refs.append([position[o.prior_step] if o.provenance == provenance.PRIOR else None for o in operands])
+    results = solver.solve_plan_values(labelled.skeletons, values, refs, search)
+    return results[-1], len(step_rows)
+
+
+def nearest_plans(eval_vectors: np.ndarray, train_vectors: np.ndarray, train_ids: list[str], plans: dict[str, list[tuple[str, str]]]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """For each evaluation problem, the most similar training problem that has a plan."""
+    keep = [i for i, pid in enumerate(train_ids) if plans.get(pid)]
+    if not keep:
+        return [("", [])] * len(eval_vectors)
+    similarity = eval_vectors @ train_vectors[keep].T
+    best = similarity.argmax(axis=1)
+    return [(train_ids[keep[b]], plans[train_ids[keep[b]]]) for b in best]
+
+
+def teacher_answers(cfg: MyceliumConfig, problems: list[str], progress: bool = True) -> list[tuple[str | None, str, float]]:
+    """(extracted answer, generated text, seconds) for each problem, greedy chain of thought."""
+    from tqdm.auto import tqdm
+
+    from mycelium.config import Settings
+    from mycelium.teacher import build_prompt, load_teacher
+
+    teacher = load_teacher(cfg.teacher, Settings().cache_dir)
+    tokenizer, model = teacher.tokenizer, teacher.model
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    result = []
+    for problem in tqdm(problems, desc="teacher chain of thought", unit="problem", disable=not progress):
+        prompt = build_prompt(tokenizer, problem, cfg.teacher.use_chat_template)
+        ids = tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens, return_tensors="pt")["input_ids"].to(teacher.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.eval.teacher_max_new_tokens,
+                                 do_sample=False, pad_token_id=pad)
+        seconds = time.perf_counter() - started
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        result.append((answers.extract_final_answer(text), text, seconds))
+    return result
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+
+def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, ArtifactRef], cfg: MyceliumConfig, progress: bool = True,
+             log=print) -> tuple[pl.DataFrame, dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    from tasks.train_c3 import device
+    from tasks.training_data import settings_from
+
+    student = load_student(store, inputs, cfg)
+    search = search_settings(cfg)
+    prov_settings = settings_from(cfg.training_data, cfg.c4, cfg.steps)
+    step_settings = steps.StepSettings(timeout_s=cfg.steps.expression_timeout_s, max_length=cfg.steps.max_expression_length,
+                                       rel_tol=cfg.steps.result_rel_tol, pow_subtypes=list(cfg.ib.pow_subtypes), labels=list(cfg.c2.labels))
+    encoder = encoder_module.load_encoder(cfg.c3.backbone, cfg.c3.max_length, device())
+    rows = problems.to_dicts()
+    # The backbone reads every problem once; timed per problem inside the student's latency.
+    texts, read_seconds = [], []
+    for row in tqdm(rows, desc="student reads problems", unit="problem", disable=not progress):
+        started = time.perf_counter()
+        texts.append(c3_model.read_problems(encoder, [str(row["problem"])], cfg.c4.word_to_number, 1, cfg.c3.context_tokens, progress=False)[0])
+        read_seconds.append(time.perf_counter() - started)
+    pooled = np.stack([t.pooled / max(np.linalg.norm(t.pooled), 1e-12) for t in texts]) if texts else np.zeros((0, 1))
+
+    training = store.read(inputs["training_sets"], "c2").filter(pl.col("split") == "train")
+    train_features = store.read(inputs["c2_features"], "features").join(training.select("problem_id"), on="problem_id")
+    slots = store.read(inputs["training_sets"], "c3_slots").filter(pl.col("split") == "train").sort("problem_id", "step_index")
+    plans = {str(p): list(zip(g["label"], g["skeleton"], strict=True)) for (p,), g in slots.group_by("problem_id")}
+    neighbours = nearest_plans(pooled, train_features["embedding"].to_numpy().astype(np.float32), train_features["problem_id"].to_list(), plans)
+
+    teacher_ids = set()
+    if cfg.eval.teacher_problems:
+        rng = np.random.default_rng(cfg.eval.seed)
+        chosen = rng.choice(len(rows), size=min(cfg.eval.teacher_problems, len(rows)), replace=False)
+        teacher_ids = {rows[i]["problem_id"] for i in chosen}
+    teacher_rows = [r for r in rows if r["problem_id"] in teacher_ids]
+    teacher_out = dict(zip([r["problem_id"] for r in teacher_rows], teacher_answers(cfg, [str(r["problem"]) for r in teacher_rows], progress), strict=True))
+
+    records = []
+    for row, problem, read_s, (neighbour_id, plan) in tqdm(list(zip(rows, texts, read_seconds, neighbours, strict=True)), desc="student solves",
+                                                          unit="problem", disable=not progress):
+        is_math = row.get("source") == MATH_SOURCE
+        started = time.perf_counter() - read_s
+        solution = solver.solve(student, problem, search, started=started)
+        student_answer = format_answer(solution.answer)
+        student_check = check(student_answer, row.get("answer"), is_math, cfg)
+        in_beam = any(correct(check(format_answer(a), row.get("answer"), is_math, cfg), is_math)
+                      for a, _ in solution.ranked_answers[: cfg.eval.beam_width]) if row.get("answer") is not None else None
+        near = solver.solve(student, problem, search, plan=plan) if plan else None
+        near_answer = format_answer(near.answer) if near else None
+        oracle_value, n_gold_steps = oracle_answer(row, step_settings, prov_settings, search)
+        oracle = format_answer(oracle_value) if n_gold_steps else None
+        record = {
+            "problem_id": row["problem_id"], "level": row.get("level"), "subject": row.get("subject"), "source": row.get("source"),
+            "gold": row.get("answer"), "n_gold_steps": n_gold_steps,
+            "student_answer": student_answer, "student_correct": correct(student_check, is_math),
+            "student_numeric": student_check["numeric"], "student_math_verify": student_check["math_verify"], "student_hendrycks": student_check["hendrycks"],
+            "student_in_beam": in_beam, "student_labels": solution.labels, "student_expression": solution.expression(),
+            "student_chains": solution.n_chains, "student_ms": solution.seconds * 1000.0,
+            "nearest_problem": neighbour_id or None, "nearest_answer": near_answer,
+            "nearest_correct": correct(check(near_answer, row.get("answer"), is_math, cfg), is_math),
+            "oracle_answer": oracle, "oracle_correct": correct(check(oracle, row.get("answer"), is_math, cfg), is_math) if n_gold_steps else None,
+            "teacher_answer": None, "teacher_correct": None, "teacher_ms": None, "teacher_text": None,
+        }
+        if row["problem_id"] in teacher_out:
+            t_answer, t_text, t_seconds = teacher_out[row["problem_id"]]
+            record.update(teacher_answer=t_answer, teacher_correct=correct(check(t_answer, row.get("answer"), is_math, cfg), is_math),
+                          teacher_ms=t_seconds * 1000.0, teacher_text=t_text)
+        records.append(record)
+    results = pl.DataFrame(records, schema=RESULTS_SCHEMA)
+    return results, summarise(results, cfg)
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> dict[str, Any]:
+    """Exact McNemar test on paired outcomes: a binomial test on the discordant pairs."""
+    only_a = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    n = only_a + only_b
+    p = float(scipy_stats.binomtest(only_a, n, 0.5).pvalue) if n else 1.0
+    return {"n_pairs": len(a), "only_student": only_a, "only_other": only_b, "p_value": p}
+
+
+def _accuracy(column: pl.Series) -> dict[str, Any]:
+    values = column.drop_nulls()
+    k, n = int(values.sum()), values.len()
+    interval = stats.wilson_interval(k, n)
+    return {"correct": k, "n": n, "accuracy": k / n if n else None, "low": interval.low if n else None, "high": interval.high if n else None}
+
+
+def _percentiles(values: pl.Series) -> dict[str, Any]:
+    data = values.drop_nulls().to_numpy()
+    if not len(data):
+        return {"n": 0, "p50_ms": None, "p95_ms": None}
+    return {"n": len(data), "p50_ms": float(np.percentile(data, 50)), "p95_ms": float(np.percentile(data, 95))}
+
+
+def summarise(results: pl.DataFrame, cfg: MyceliumConfig) -> dict[str, Any]:
+    summary: dict[str, Any] = {"n_problems": results.height}
+    for system in SYSTEMS:
+        summary[f"{system}_accuracy"] = _accuracy(results[f"{system}_correct"])
+    for system in ("teacher", "nearest", "oracle"):
+        paired = results.filter(pl.col(f"{system}_correct").is_not_null())
+        summary[f"mcnemar_student_vs_{system}"] = mcnemar(paired["student_correct"].to_list(), paired[f"{system}_correct"].to_list())
+    teacher_rows = results.filter(pl.col("teacher_correct").is_not_null())
+    summary["student_accuracy_on_teacher_subset"] = _accuracy(teacher_rows["student_correct"])
+    summary["student_in_beam"] = _accuracy(results["student_in_beam"]) | {"k": cfg.eval.beam_width}
+    summary["student_valid_chain"] = _accuracy(results["student_chains"] > 0)
+    easy = pl.col("n_gold_steps") <= cfg.eval.easy_max_steps
+    summary["latency_student_easy"] = _percentiles(results.filter(easy & (pl.col("n_gold_steps") > 0))["student_ms"])
+    summary["latency_student_hard"] = _percentiles(results.filter(~easy)["student_ms"])
+    summary["latency_student_all"] = _percentiles(results["student_ms"])
+    summary["latency_teacher_all"] = _percentiles(results["teacher_ms"])
+    if teacher_rows.height:
+        ratio = teacher_rows["teacher_ms"] / teacher_rows["student_ms"]
+        summary["teacher_over_student_latency_median"] = float(ratio.median())
+    math_rows = results.filter(pl.col("source") == MATH_SOURCE)
+    if math_rows.height:
+        summary["math_checkers"] = {name: _accuracy(math_rows[f"student_{name}"]) for name in ("math_verify", "hendrycks", "numeric")}
+        summary["math_checkers_disagree"] = int((math_rows["student_math_verify"] != math_rows["student_hendrycks"]).sum())
+        for key in ("level", "subject"):
+            summary[f"student_by_{key}"] = {str(k): _accuracy(g["student_correct"]) for (k,), g in math_rows.group_by(key) if k is not None}
+    return summary
+
+
+def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, rates, lows, highs, counts = [], [], [], [], []
+    for system in SYSTEMS:
+        a = summary[f"{system}_accuracy"]
+        if a["n"]:
+            names.append(f"{system}\n(n={a['n']})")
+            rates.append(a["accuracy"])
+            lows.append(a["accuracy"] - a["low"])
+            highs.append(a["high"] - a["accuracy"])
+            counts.append(a["n"])
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.bar(names, rates, yerr=[lows, highs], capsize=6, color=["#4c72b0", "#dd8452", "#55a868", "#8172b3"][: len(names)])
+    axis.set_ylabel("accuracy (95% Wilson interval)")
+    axis.set_ylim(0, 1)
+    axis.set_title("Stage 06: accuracy on the same problems")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return Path(path)
+
+
+def build_evaluation(ref: ArtifactRef, eval_problems: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: MyceliumConfig, log=print) -> dict[str, Any]:
+    store = ArtifactStore.for_ref(ref)
+    problems = store.read(eval_problems, "problems")
+    if cfg.eval.dataset is None:  # the held-out validation split of the training set
+        held_out = store.read(inputs["training_sets"], "c2").filter(pl.col("split") == "validation").select("problem_id")
+        problems = problems.join(held_out, on="problem_id", how="semi", maintain_order="left")
+    if cfg.eval.n_problems is not None:
+        problems = problems.head(cfg.eval.n_problems)
+    if problems.height == 0:
+        raise MyceliumError("stage 06: no problems to evaluate (an empty validation split? set eval.dataset or more problems)")
+    results, summary = evaluate(problems, store, inputs, cfg, log=log)
+    with tempfile.TemporaryDirectory() as folder:
+        store.write_file(ref, "accuracy.png", plot_accuracy(summary, Path(folder) / "accuracy.png").read_bytes())
+    store.write_file(ref, "summary.json", json.dumps(summary, indent=2, default=float).encode())
+    store.write_table(ref, {"results": results}, metadata={"n_problems": results.height})
+    return summary
+
+
+@task(name="evaluate")
+def evaluate_task(ref: ArtifactRef, eval_problems: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: MyceliumConfig) -> ArtifactRef:
+    logger = get_run_logger()
+    summary = build_evaluation(ref, eval_problems, inputs, cfg, log=logger.info)
+    logger.info("evaluation: student %s, teacher %s, nearest %s, oracle %s",
+                *(_short(summary[f"{s}_accuracy"]) for s in SYSTEMS))
+    return ref
+
+
+def _short(a: dict) -> str:
+    return f"{a['accuracy']:.3f} [{a['low']:.3f}, {a['high']:.3f}] (n={a['n']})" if a["n"] else "not run"
+
+
+def report_section(store: ArtifactStore, ref: ArtifactRef) -> ReportSection:
+    manifest = store.verify(ref)
+    s = json.loads(store.read_file(ref, "summary.json"))
+    lines = [
+        "## Stage 06 — evaluation",
+        "",
+        f"{s['n_problems']} problems. Accuracy with its 95% Wilson interval; McNemar's exact test pairs each system with the student on the problems both answered.",
+        "",
+        "| system | accuracy | correct / n | McNemar p vs student |",
+        "|---|---|---|---|",
+    ]
+    for system in SYSTEMS:
+        a = s[f"{system}_accuracy"]
+        p = s.get(f"mcnemar_student_vs_{system}", {}).get("p_value")
+        lines.append(f"| {system} | {_short(a)} | {a['correct']} / {a['n']} | {'—' if system == 'student' else (f'{p:.3g}' if p is not None else '—')} |")
+    subset = s["student_accuracy_on_teacher_subset"]
+    lines += [
+        "",
+        f"Student on the teacher's subset: {_short(subset)}. Gold answer among the student's top {s['student_in_beam']['k']} answers: "
+        f"{_short(s['student_in_beam'])}. A valid chain found: {_short(s['student_valid_chain'])}.",
+        "",
+        "| latency (ms) | n | p50 | p95 |",
+        "|---|---|---|---|",
+    ]
+    for key, title in (("latency_student_easy", "student, easy"), ("latency_student_hard", "student, hard"),
+                       ("latency_student_all", "student, all"), ("latency_teacher_all", "teacher CoT")):
+        v = s[key]
+        lines.append(f"| {title} | {v['n']} | {v['p50_ms'] if v['p50_ms'] is None else round(v['p50_ms'], 1)} | "
+                     f"{v['p95_ms'] if v['p95_ms'] is None else round(v['p95_ms'], 1)} |")
+    if "teacher_over_student_latency_median" in s:
+        lines += ["", f"Teacher / student latency on the same problems (median ratio): {s['teacher_over_student_latency_median']:.0f}×."]
+    if "math_checkers" in s:
+        lines += ["", f"MATH rows, the student's answers under each checker (they disagree on {s['math_checkers_disagree']}):", "",
+                  "| checker | accuracy |", "|---|---|"]
+        lines += [f"| {k} | {_short(v)} |" for k, v in s["math_checkers"].items()]
+        for key in ("level", "subject"):
+            lines += ["", f"| {key} | student accuracy |", "|---|---|"]
+            lines += [f"| {k} | {_short(v)} |" for k, v in sorted(s[f"student_by_{key}"].items())]
+    figures = {"accuracy.png": store.read_file(ref, "accuracy.png")} if "accuracy.png" in manifest.files else {}
+    if figures:
+        lines += ["", "![accuracy](accuracy.png)"]
+    flat = {f"eval_{k}": v for k, v in s.items()}
+    return ReportSection(flat, "\n".join(lines) + "\n", figures)
