@@ -1,0 +1,135 @@
+"""The student's search and C4 on floats, and stage 06's statistics."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+
+from mycelium import c3_model, solver
+from mycelium.config import load_config
+from tasks import evaluate
+
+TIMEOUT, MAX_LENGTH = 2.0, 500
+
+
+@pytest.mark.parametrize(
+    ("skeleton", "values", "expected"),
+    [
+        ("{0}/{1}", [48, 2], 24.0),
+        ("{0}+{1}*{2}", [1, 2, 3], 7.0),
+        ("({0}-{1})/{2}", [10, 4, 3], 2.0),
+        ("sqrt({0})", [16], 4.0),
+        ("{0}**2", [1.5], 2.25),
+        ("factorial({0})", [5], 120.0),
+        ("Mod({0},{1})", [17, 5], 2.0),
+        ("{0}*{1}/100", [20, 50], 10.0),
+    ],
+)
+def test_compiled_skeletons_compute_what_they_say(skeleton, values, expected):
+    assert solver.run_skeleton(skeleton, values, TIMEOUT, MAX_LENGTH) == pytest.approx(expected)
+
+
+def test_undefined_or_huge_results_are_none_and_fast():
+    started = time.perf_counter()
+    assert solver.run_skeleton("{0}/{1}", [1, 0], TIMEOUT, MAX_LENGTH) is None
+    assert solver.run_skeleton("sqrt({0})", [-4], TIMEOUT, MAX_LENGTH) is None
+    assert solver.run_skeleton("{0}**{1}**{2}", [9, 9, 9], TIMEOUT, MAX_LENGTH) is None
+    assert solver.run_skeleton("factorial({0})", [10**6], TIMEOUT, MAX_LENGTH) is None
+    assert solver.run_skeleton("{0}+{1}", [1], TIMEOUT, MAX_LENGTH) is None  # wrong arity
+    assert time.perf_counter() - started < 10 * TIMEOUT
+
+
+def test_a_skeleton_that_is_not_arithmetic_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    for skeleton in (f"__import__('os').system('touch {marker}')", "{0}.__class__", "lambda: {0}"):
+        assert solver.run_skeleton(skeleton, [1.0], TIMEOUT, MAX_LENGTH) is None
+    assert not marker.exists()
+
+
+def _candidate(kind, value, **where):
+    return c3_model.Candidate(kind, value, **where)
+
+
+def test_a_finished_chain_uses_every_earlier_result():
+    first = solver.Step("MUL", "{0}*{1}", [_candidate("TEXT", 3.0, span_start=0, span_end=1), _candidate("TEXT", 4.0, span_start=2, span_end=3)], 12.0)
+    uses = solver.Step("ADD", "{0}+{1}", [_candidate("PRIOR", 12.0, prior_step=0), _candidate("TEXT", 1.0, span_start=4, span_end=5)], 13.0)
+    ignores = solver.Step("ADD", "{0}+{1}", [_candidate("TEXT", 3.0, span_start=0, span_end=1), _candidate("TEXT", 1.0, span_start=4, span_end=5)], 4.0)
+    assert solver.every_result_used(solver.Chain([first, uses]))
+    assert not solver.every_result_used(solver.Chain([first, ignores]))
+    assert solver.every_result_used(solver.Chain([first]))
+
+
+def _settings(voting: str, boost: float = 0.0) -> solver.SearchSettings:
+    cfg = load_config(None)
+    settings = evaluate.search_settings(cfg)
+    settings.voting, settings.numerical_consistency_boost = voting, boost
+    return settings
+
+
+def _chain(value: float, score: float) -> solver.Chain:
+    return solver.Chain([solver.Step("ADD", "{0}+{1}", [], value)], score)
+
+
+def test_voting_rules():
+    chains = [_chain(7.5, -1.0), _chain(8.0, -1.2), _chain(8.0, -1.3)]
+    assert solver.vote(chains, _settings("top1"))[0][0] == 7.5
+    assert solver.vote(chains, _settings("majority"))[0][0] == 8.0  # two chains against one
+    weighted = dict(solver.vote(chains, _settings("weighted")))
+    assert weighted[8.0] == pytest.approx(math.exp(-0.2) + math.exp(-0.3))
+    # The whole-number boost can turn a close vote.
+    assert solver.vote([_chain(7.5, -1.0), _chain(8.0, -1.1)], _settings("top1"))[0][0] == 7.5
+    assert solver.vote([_chain(7.5, -1.0), _chain(8.0, -1.1)], _settings("weighted", boost=0.2))[0][0] == 8.0
+
+
+def test_decode_emits_distinct_existing_candidates_best_first():
+    cfg = load_config(None)
+    rng = np.random.default_rng(0)
+    problem = c3_model.ProblemText("Tom has 5 apples and buys 3 more.", rng.normal(size=8).astype(np.float32), [], np.zeros((0, 16), np.float32))
+    problem.candidates = c3_model.text_candidates(problem.text, cfg.c4.word_to_number)
+    problem.features = rng.normal(size=(len(problem.candidates), 16)).astype(np.float32)
+    vocab = c3_model.Vocabulary(list(cfg.c2.labels), ["{0}+{1}"], list(cfg.c4.word_to_number), list(cfg.c4.domain_constants), 4)
+    examples = c3_model.slot_examples(problem, "ADD", "{0}+{1}", 0, 0, [], [], None, 2, cfg.c4.domain_constants, vocab)
+    import torch
+
+    torch.manual_seed(0)
+    model = c3_model.PointerScorer(len(examples[0].query), 16, examples[0].numeric.shape[1], 8, 0.0).eval()
+    beams = c3_model.decode(model, examples, beam_width=5)
+    allowed = c3_model.slot_candidates(problem, [], [], cfg.c4.domain_constants)
+    assert 1 <= len(beams) <= 5
+    assert [score for _, score in beams] == sorted((score for _, score in beams), reverse=True)
+    for operands, _ in beams:
+        assert len(operands) == 2 and operands[0] != operands[1]
+        assert all(o in allowed and o.kind != c3_model.END for o in operands)
+        assert all(o.kind != c3_model.PRIOR for o in operands)  # nothing computed before the first step
+
+
+def test_mcnemar_exact_on_hand_counts():
+    # 10 pairs: the student alone right 6 times, the other alone right once.
+    student = [True] * 6 + [False] * 1 + [True] * 2 + [False]
+    other = [False] * 6 + [True] * 1 + [True] * 2 + [False]
+    result = evaluate.mcnemar(student, other)
+    assert (result["only_student"], result["only_other"]) == (6, 1)
+    assert result["p_value"] == pytest.approx(2 * (1 + 7) / 2**7)  # two-sided binomial, 7 discordant
+    assert evaluate.mcnemar([True, False], [True, False])["p_value"] == 1.0
+
+
+def test_summary_counts_and_intervals():
+    cfg = load_config(None)
+    rows = []
+    for i in range(10):
+        rows.append({"problem_id": str(i), "n_gold_steps": 1 + i % 4, "student_correct": i < 6, "student_in_beam": i < 8,
+                     "student_chains": 0 if i == 9 else 3, "student_ms": float(i), "nearest_correct": i < 2,
+                     "oracle_correct": True, "teacher_correct": (i < 1) if i < 5 else None, "teacher_ms": 1000.0 if i < 5 else None,
+                     "source": "gsm8k"})
+    results = pl.DataFrame(rows)
+    summary = evaluate.summarise(results, cfg)
+    assert summary["student_accuracy"]["correct"] == 6 and summary["student_accuracy"]["n"] == 10
+    assert summary["student_accuracy"]["low"] < 0.6 < summary["student_accuracy"]["high"]
+    assert summary["teacher_accuracy"]["n"] == 5 and summary["student_accuracy_on_teacher_subset"]["n"] == 5
+    assert summary["student_valid_chain"]["correct"] == 9
+    assert summary["latency_student_easy"]["n"] + summary["latency_student_hard"]["n"] == 10
+    assert summary["mcnemar_student_vs_nearest"]["only_student"] == 4
