@@ -323,7 +323,7 @@ def train_c3(train: Sequence[PointerExample], validation: Sequence[PointerExampl
 
 def decode(model: PointerScorer, examples: Sequence[PointerExample], beam_width: int) -> list[tuple[list[Candidate], float]]:
     """Top `beam_width` operand tuples for one slot (one example per operand position): each a
-    list of distinct candidates (never END inside a tuple) with its summed log-probability."""
+    list of candidates (never END inside a tuple) with its summed log-probability."""
     if not examples:
         return [([], 0.0)]
     with torch.inference_mode():
@@ -333,10 +333,10 @@ def decode(model: PointerScorer, examples: Sequence[PointerExample], beam_width:
     candidates = examples[0].candidates
     for position in range(len(examples)):
         row = log_probs[position]
-        options = [i for i in np.argsort(-row) if np.isfinite(row[i]) and candidates[i].kind != END][: beam_width + position]
-        # One candidate fills at most one operand of a slot (two equal numbers are two candidates).
-        grown = ((chosen + [i], score + float(row[i])) for chosen, score in beams for i in options if i not in chosen)
-        beams = sorted(grown, key=lambda b: -b[1])[:beam_width]
+        options = [i for i in np.argsort(-row) if np.isfinite(row[i]) and candidates[i].kind != END][:beam_width]
+        # Positions are scored independently, so this beam is exactly the best tuples. A
+        # candidate may fill two operands: gold does that (`150+150` from one earlier result).
+        beams = sorted(((chosen + [i], score + float(row[i])) for chosen, score in beams for i in options), key=lambda b: -b[1])[:beam_width]
     return [([candidates[i] for i in chosen], score) for chosen, score in beams]
 
 

@@ -217,11 +217,16 @@ def extend(student: Student, problem: c3_model.ProblemText, chain: Chain, label:
     result = []
     for operands, logp in c3_model.decode(student.c3, examples, settings.beam_width):
         value = run_skeleton(skeleton, [o.value for o in operands], settings.timeout_s, settings.max_length)
-        if value is None:
+        if value is None or _degenerate(operands, value):
             continue
         step = Step(label, skeleton, operands, value)
         result.append(Chain([*chain.steps, step], chain.score + logp + label_logp - settings.simplicity_penalty))
     return result
+
+
+def _degenerate(operands: Sequence[c3_model.Candidate], value: float) -> bool:
+    """x - x and x / x: one candidate twice giving 0 or 1 computes nothing from the problem."""
+    return len(set(operands)) < len(operands) and value in (0.0, 1.0)
 
 
 def predict_labels(student: Student, pooled: np.ndarray, threshold: float) -> tuple[list[str], np.ndarray]:
