@@ -125,7 +125,8 @@ def mycelium(
             update={"source": cfg.eval.dataset, "split": cfg.eval.split, "limit": None, "fields": cfg.eval.fields or cfg.dataset.fields}
         )
     eval_problems_ref = problems.problems_ref(store, eval_dataset)
-    evaluation_ref = evaluate.evaluation_ref(store, cfg, {**eval_inputs, "problems": eval_problems_ref})
+    teacher_cot_ref = evaluate.teacher_ref(store, cfg, eval_problems_ref, training_ref)
+    evaluation_ref = evaluate.evaluation_ref(store, cfg, {**eval_inputs, "problems": eval_problems_ref, "teacher": teacher_cot_ref})
     if "06" in selected:
         for stage, ref in (("04", c2_model_ref), ("05", c3_model_ref)):
             if stage not in selected:
@@ -135,10 +136,11 @@ def mycelium(
                 problems.problems_task, eval_problems_ref.cache_key, store.is_complete(eval_problems_ref), cfg.storage, result_storage,
                 eval_problems_ref, eval_dataset,
             )
-        step(evaluate.evaluate_task, evaluation_ref, eval_problems_ref, eval_inputs, cfg)
+        step(evaluate.teacher_task, teacher_cot_ref, eval_problems_ref, training_ref, cfg)
+        step(evaluate.evaluate_task, evaluation_ref, eval_problems_ref, teacher_cot_ref, eval_inputs, cfg)
 
     all_refs = (problems_ref, heads_ref, traces_ref, heartbeats_ref, steps_ref, templates_ref, training_ref,
-                c2_features_ref, c2_model_ref, c3_features_ref, c3_model_ref, evaluation_ref)
+                c2_features_ref, c2_model_ref, c3_features_ref, c3_model_ref, teacher_cot_ref, evaluation_ref)
     sections: list[ReportSection] = [
         steps_section(statuses, {r.step: r for r in all_refs} | {"problems_eval": eval_problems_ref}, chunk_counts),
         problems.report_section(store, problems_ref),

@@ -5,7 +5,9 @@ Reads:  the evaluation problems (the held-out validation split of the training s
         fields), the C2 model (stage 04), the C3 model and features (stage 05), the training
         sets (stage 03: skeletons per label, the nearest-neighbour pool), the teacher, and the
         `eval`, `c2`, `c3`, `c4`, `steps`, `teacher` config sections.
-Writes: artifact `evaluation` with table `results` (one row per problem: gold, every system's
+Writes: artifact `teacher_cot` (table `answers`: the teacher's generated text, extracted answer
+        and seconds per problem of its subset — cached apart, since it is the slow part) and
+        artifact `evaluation` with table `results` (one row per problem: gold, every system's
         answer and correctness, the student's labels, chain and latency) and files
         `summary.json`, `accuracy.png`.
 Time:   the student: one MiniLM pass per problem plus the search, ~10-100 ms on 2 CPU cores.
@@ -52,6 +54,9 @@ from mycelium.reports import ReportSection
 from mycelium.store import ArtifactRef, ArtifactStore, artifact_digest, source_code_version
 
 STEP = "evaluation"
+TEACHER_STEP = "teacher_cot"
+TEACHER_KEYS = ("teacher_problems", "teacher_max_new_tokens", "seed", "n_problems")  # what changes the teacher's answers
+TEACHER_SCHEMA = {"problem_id": pl.Utf8, "answer": pl.Utf8, "text": pl.Utf8, "seconds": pl.Float64}
 SYSTEMS = ("student", "teacher", "nearest", "oracle")
 RESULTS_SCHEMA = {
     "problem_id": pl.Utf8, "level": pl.Int64, "subject": pl.Utf8, "source": pl.Utf8, "gold": pl.Utf8, "n_gold_steps": pl.Int32,
@@ -72,6 +77,49 @@ def evaluation_ref(store: ArtifactStore, cfg: MyceliumConfig, inputs: dict[str, 
     payload = {"eval": cfg.eval.digest_payload(), "teacher": {k: v for k, v in cfg.teacher.digest_payload().items() if k not in ("device", "torch_threads")},
                "c4": cfg.c4.digest_payload(), "steps": cfg.steps.digest_payload()}
     return store.ref(STEP, artifact_digest(STEP, payload, [inputs[k] for k in sorted(inputs)], _code_version()))
+
+
+def teacher_ref(store: ArtifactStore, cfg: MyceliumConfig, eval_problems: ArtifactRef, training_sets: ArtifactRef) -> ArtifactRef:
+    """The teacher's chain of thought is its own artifact: ~17 min for 100 problems on a CPU,
+    so a change to the student's search must not redo it."""
+    payload = {"teacher": {k: v for k, v in cfg.teacher.digest_payload().items() if k not in ("device", "torch_threads")},
+               "eval": {k: cfg.eval.digest_payload()[k] for k in (*TEACHER_KEYS, "dataset")}}
+    code = source_code_version(sys.modules[__name__], answers)
+    return store.ref(TEACHER_STEP, artifact_digest(TEACHER_STEP, payload, [eval_problems, training_sets], code))
+
+
+def select_problems(store: ArtifactStore, eval_problems: ArtifactRef, training_sets: ArtifactRef, cfg: MyceliumConfig) -> pl.DataFrame:
+    """The problems stage 06 evaluates: the held-out split by default, else the eval dataset."""
+    problems = store.read(eval_problems, "problems")
+    if cfg.eval.dataset is None:  # the held-out validation split of the training set
+        held_out = store.read(training_sets, "c2").filter(pl.col("split") == "validation").select("problem_id")
+        problems = problems.join(held_out, on="problem_id", how="semi", maintain_order="left")
+    if cfg.eval.n_problems is not None:
+        problems = problems.head(cfg.eval.n_problems)
+    if problems.height == 0:
+        raise MyceliumError("stage 06: no problems to evaluate (an empty validation split? set eval.dataset or more problems)")
+    return problems
+
+
+def teacher_subset(problem_ids: list[str], cfg: MyceliumConfig) -> list[str]:
+    """A fixed random subset (seeded) of the evaluated problems for the teacher."""
+    if not cfg.eval.teacher_problems:
+        return []
+    rng = np.random.default_rng(cfg.eval.seed)
+    chosen = rng.choice(len(problem_ids), size=min(cfg.eval.teacher_problems, len(problem_ids)), replace=False)
+    return [problem_ids[i] for i in sorted(chosen)]
+
+
+def build_teacher(ref: ArtifactRef, eval_problems: ArtifactRef, training_sets: ArtifactRef, cfg: MyceliumConfig) -> dict[str, Any]:
+    store = ArtifactStore.for_ref(ref)
+    problems = select_problems(store, eval_problems, training_sets, cfg)
+    chosen = set(teacher_subset(problems["problem_id"].to_list(), cfg))
+    rows = problems.filter(pl.col("problem_id").is_in(chosen))
+    outputs = teacher_answers(cfg, rows["problem"].to_list())
+    table = pl.DataFrame({"problem_id": rows["problem_id"].to_list(), "answer": [o[0] for o in outputs], "text": [o[1] for o in outputs],
+                          "seconds": [o[2] for o in outputs]}, schema=TEACHER_SCHEMA)
+    store.write_table(ref, {"answers": table}, metadata={"n": table.height})
+    return {"n": table.height, "seconds": float(table["seconds"].sum()) if table.height else 0.0}
 
 
 def format_answer(value: float | None) -> str | None:
@@ -185,8 +233,8 @@ def teacher_answers(cfg: MyceliumConfig, problems: list[str], progress: bool = T
 # --- the run ---------------------------------------------------------------------------------------------
 
 
-def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, ArtifactRef], cfg: MyceliumConfig, progress: bool = True,
-             log=print) -> tuple[pl.DataFrame, dict[str, Any]]:
+def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, ArtifactRef], cfg: MyceliumConfig,
+             teacher: pl.DataFrame | None = None, progress: bool = True, log=print) -> tuple[pl.DataFrame, dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from tasks.train_c3 import device
@@ -213,13 +261,10 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
     plans = {str(p): list(zip(g["label"], g["skeleton"], strict=True)) for (p,), g in slots.group_by("problem_id")}
     neighbours = nearest_plans(pooled, train_features["embedding"].to_numpy().astype(np.float32), train_features["problem_id"].to_list(), plans)
 
-    teacher_ids = set()
-    if cfg.eval.teacher_problems:
-        rng = np.random.default_rng(cfg.eval.seed)
-        chosen = rng.choice(len(rows), size=min(cfg.eval.teacher_problems, len(rows)), replace=False)
-        teacher_ids = {rows[i]["problem_id"] for i in chosen}
-    teacher_rows = [r for r in rows if r["problem_id"] in teacher_ids]
-    teacher_out = dict(zip([r["problem_id"] for r in teacher_rows], teacher_answers(cfg, [str(r["problem"]) for r in teacher_rows], progress), strict=True))
+    teacher_out = {}
+    if teacher is not None:
+        for problem_id, answer, text, seconds in teacher.iter_rows():
+            teacher_out[problem_id] = (answer, text, seconds)
 
     records = []
     for row, problem, read_s, (neighbour_id, plan) in tqdm(list(zip(rows, texts, read_seconds, neighbours, strict=True)), desc="student solves",
@@ -333,17 +378,11 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
-def build_evaluation(ref: ArtifactRef, eval_problems: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: MyceliumConfig, log=print) -> dict[str, Any]:
+def build_evaluation(ref: ArtifactRef, eval_problems: ArtifactRef, teacher: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: MyceliumConfig,
+                     log=print) -> dict[str, Any]:
     store = ArtifactStore.for_ref(ref)
-    problems = store.read(eval_problems, "problems")
-    if cfg.eval.dataset is None:  # the held-out validation split of the training set
-        held_out = store.read(inputs["training_sets"], "c2").filter(pl.col("split") == "validation").select("problem_id")
-        problems = problems.join(held_out, on="problem_id", how="semi", maintain_order="left")
-    if cfg.eval.n_problems is not None:
-        problems = problems.head(cfg.eval.n_problems)
-    if problems.height == 0:
-        raise MyceliumError("stage 06: no problems to evaluate (an empty validation split? set eval.dataset or more problems)")
-    results, summary = evaluate(problems, store, inputs, cfg, log=log)
+    problems = select_problems(store, eval_problems, inputs["training_sets"], cfg)
+    results, summary = evaluate(problems, store, inputs, cfg, store.read(teacher, "answers"), log=log)
     with tempfile.TemporaryDirectory() as folder:
         store.write_file(ref, "accuracy.png", plot_accuracy(summary, Path(folder) / "accuracy.png").read_bytes())
     store.write_file(ref, "summary.json", json.dumps(summary, indent=2, default=float).encode())
@@ -351,10 +390,17 @@ def build_evaluation(ref: ArtifactRef, eval_problems: ArtifactRef, inputs: dict[
     return summary
 
 
+@task(name="teacher-cot")
+def teacher_task(ref: ArtifactRef, eval_problems: ArtifactRef, training_sets: ArtifactRef, cfg: MyceliumConfig) -> ArtifactRef:
+    meta = build_teacher(ref, eval_problems, training_sets, cfg)
+    get_run_logger().info("teacher chain of thought: %d problems in %.0f s", meta["n"], meta["seconds"])
+    return ref
+
+
 @task(name="evaluate")
-def evaluate_task(ref: ArtifactRef, eval_problems: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: MyceliumConfig) -> ArtifactRef:
+def evaluate_task(ref: ArtifactRef, eval_problems: ArtifactRef, teacher: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: MyceliumConfig) -> ArtifactRef:
     logger = get_run_logger()
-    summary = build_evaluation(ref, eval_problems, inputs, cfg, log=logger.info)
+    summary = build_evaluation(ref, eval_problems, teacher, inputs, cfg, log=logger.info)
     logger.info("evaluation: student %s, teacher %s, nearest %s, oracle %s",
                 *(_short(summary[f"{s}_accuracy"]) for s in SYSTEMS))
     return ref

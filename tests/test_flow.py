@@ -282,3 +282,10 @@ def test_stages_05_06_train_c3_and_evaluate_then_eval_another_dataset(local_root
     mine = next(t for t in tables if "81" in t["gold"].to_list())  # this dataset's artifact, not the validation one
     assert sorted(mine["gold"].to_list()) == ["7", "8", "81"] and mine["student_correct"].dtype == pl.Boolean
     assert mine.filter(pl.col("gold") == "81")["oracle_answer"][0] is None  # the hanging step was cut off, not run forever
+
+
+def test_a_search_setting_reuses_the_cached_teacher_chain_of_thought(local_root):
+    run_flow(STUDENT, stages="00-06")
+    _, changed, _ = run_flow([*STUDENT, "eval.voting=majority"], stages="00-06")
+    assert changed["steps_computed"] == ["evaluation"]
+    assert "teacher_cot" in changed["steps_cached"]

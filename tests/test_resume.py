@@ -24,7 +24,7 @@ from mycelium.store import ArtifactStore
 MYCELIUM = str(Path(sys.executable).with_name("mycelium"))
 N_PROBLEMS = 10
 ARGS = [
-    "run", "--smoke", "--json",
+    "run", "--smoke", "--json", "--stages", "00-01",  # resume is about the chunked extraction
     "--set", f"dataset.limit={N_PROBLEMS}",
     "--set", "extraction.chunk_size=1",
     "--set", "extraction.computing_heads=[L23H2]",
