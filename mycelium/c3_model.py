@@ -195,7 +195,8 @@ def query_vector(problem: ProblemText, label: str, skeleton: str, operand_index:
 @dataclass
 class PointerExample:
     query: np.ndarray
-    text_features: np.ndarray  # (n_candidates, 2*dim): zeros for non-text candidates
+    text_features: np.ndarray  # (n_text_candidates, 2*dim): the problem's own array, shared, not copied
+                               # (text candidates come first; collate pads the rest with zeros)
     numeric: np.ndarray  # (n_candidates, n_numeric)
     gold: int
     candidates: list[Candidate] = field(repr=False, default_factory=list)
@@ -207,10 +208,8 @@ def slot_examples(problem: ProblemText, label: str, skeleton: str, step_index: i
                   n_operands: int, domain_constants: Mapping[str, float], vocab: Vocabulary) -> list[PointerExample]:
     """One example per operand position of a slot (plus END when gold is given)."""
     candidates = slot_candidates(problem, prior_steps, prior_values, domain_constants)
-    dim2 = problem.features.shape[1] if problem.features.size else 2 * len(problem.pooled)
-    text_features = np.zeros((len(candidates), dim2), np.float32)
-    if len(problem.candidates):
-        text_features[: len(problem.candidates)] = problem.features
+    dim2 = problem.features.shape[1] if problem.features.ndim == 2 and problem.features.shape[1] else 2 * len(problem.pooled)
+    text_features = problem.features if len(problem.candidates) else np.zeros((0, dim2), np.float32)
     numeric = np.stack([candidate_numeric(c, len(problem.text), step_index, vocab) for c in candidates])
     examples = []
     positions = range(len(gold_operands)) if gold_operands is not None else range(n_operands)
@@ -232,7 +231,7 @@ def collate(examples: Sequence[PointerExample]) -> dict[str, torch.Tensor]:
     mask = np.zeros((n, width), bool)
     for i, e in enumerate(examples):
         m = len(e.numeric)
-        text[i, :m], numeric[i, :m], mask[i, :m] = e.text_features, e.numeric, True
+        text[i, : len(e.text_features)], numeric[i, :m], mask[i, :m] = e.text_features, e.numeric, True
     return {
         "query": torch.from_numpy(np.stack([e.query for e in examples])),
         "text": torch.from_numpy(text),
