@@ -18,7 +18,7 @@ def test_chunks_run_on_dask_workers(tmp_path):
         with distributed.Client(cluster) as client:
             env = {**os.environ, "MYCELIUM_STORAGE_ROOT": str(tmp_path / "store")}
             result = subprocess.run(
-                [MYCELIUM, "run", "--smoke", "--json", "--set", f"extraction.dask_address={cluster.scheduler_address}",
+                [MYCELIUM, "run", "--smoke", "--json", "--stages", "00-01", "--set", f"extraction.dask_address={cluster.scheduler_address}",
                  "--set", "dataset.limit=4", "--set", "extraction.chunk_size=2", "--set", "extraction.computing_heads=[L23H2]"],
                 env=env, capture_output=True, text=True, timeout=600,
             )
