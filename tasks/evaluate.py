@@ -122,6 +122,11 @@ def build_teacher(ref: ArtifactRef, eval_problems: ArtifactRef, training_sets: A
     return {"n": table.height, "seconds": float(table["seconds"].sum()) if table.height else 0.0}
 
 
+def is_math_row(row: dict) -> bool:
+    """MATH-style rows (LaTeX answers) carry a level or subject; the shipped sample also says so."""
+    return row.get("source") == MATH_SOURCE or row.get("level") is not None or bool(row.get("subject"))
+
+
 def format_answer(value: float | None) -> str | None:
     if value is None:
         return None
@@ -269,7 +274,7 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
     records = []
     for row, problem, read_s, (neighbour_id, plan) in tqdm(list(zip(rows, texts, read_seconds, neighbours, strict=True)), desc="student solves",
                                                           unit="problem", disable=not progress):
-        is_math = row.get("source") == MATH_SOURCE
+        is_math = is_math_row(row)
         started = time.perf_counter() - read_s
         solution = solver.solve(student, problem, search, started=started)
         student_answer = format_answer(solution.answer)
@@ -343,7 +348,7 @@ def summarise(results: pl.DataFrame, cfg: MyceliumConfig) -> dict[str, Any]:
     if teacher_rows.height:
         ratio = teacher_rows["teacher_ms"] / teacher_rows["student_ms"]
         summary["teacher_over_student_latency_median"] = float(ratio.median())
-    math_rows = results.filter(pl.col("source") == MATH_SOURCE)
+    math_rows = results.filter([is_math_row(row) for row in results.select(c for c in ("source", "level", "subject") if c in results.columns).iter_rows(named=True)])
     if math_rows.height:
         summary["math_checkers"] = {name: _accuracy(math_rows[f"student_{name}"]) for name in ("math_verify", "hendrycks", "numeric")}
         summary["math_checkers_disagree"] = int((math_rows["student_math_verify"] != math_rows["student_hendrycks"]).sum())
