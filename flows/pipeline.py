@@ -24,6 +24,7 @@ from tasks import (
     extract_attention,
     heartbeats,
     problems,
+    teacher_cot,
     templates,
     train_c2,
     evaluate,
@@ -125,7 +126,7 @@ def mycelium(
             update={"source": cfg.eval.dataset, "split": cfg.eval.split, "limit": None, "fields": cfg.eval.fields or cfg.dataset.fields}
         )
     eval_problems_ref = problems.problems_ref(store, eval_dataset)
-    teacher_cot_ref = evaluate.teacher_ref(store, cfg, eval_problems_ref, training_ref)
+    teacher_cot_ref = teacher_cot.teacher_ref(store, cfg, eval_problems_ref, training_ref)
     evaluation_ref = evaluate.evaluation_ref(store, cfg, {**eval_inputs, "problems": eval_problems_ref, "teacher": teacher_cot_ref})
     if "06" in selected:
         for stage, ref in (("04", c2_model_ref), ("05", c3_model_ref)):
@@ -136,7 +137,7 @@ def mycelium(
                 problems.problems_task, eval_problems_ref.cache_key, store.is_complete(eval_problems_ref), cfg.storage, result_storage,
                 eval_problems_ref, eval_dataset,
             )
-        step(evaluate.teacher_task, teacher_cot_ref, eval_problems_ref, training_ref, cfg)
+        step(teacher_cot.teacher_task, teacher_cot_ref, eval_problems_ref, training_ref, cfg)
         step(evaluate.evaluate_task, evaluation_ref, eval_problems_ref, teacher_cot_ref, eval_inputs, cfg)
 
     all_refs = (problems_ref, heads_ref, traces_ref, heartbeats_ref, steps_ref, templates_ref, training_ref,

@@ -220,6 +220,7 @@ class EvalConfig(Section):
     mcts_max_paths: int = Field(ge=1)
     max_steps: int = Field(ge=1)
     skeletons_per_label: int = Field(ge=1)
+    require_all_labels: bool
     voting: Literal["weighted", "majority", "top1"]
     numerical_consistency_boost: float = Field(ge=0.0)
     simplicity_penalty: float = Field(ge=0.0)

@@ -147,6 +147,7 @@ class SearchSettings:
     max_length: int
     domain_constants: Mapping[str, float]
     answer_digits: int  # significant digits under which two answers count as the same
+    require_all_labels: bool = True  # finish only chains that use every label C2 predicts
 
 
 @dataclass
@@ -241,11 +242,26 @@ def predict_labels(student: Student, pooled: np.ndarray, threshold: float) -> tu
     return chosen, probabilities
 
 
+def label_set_loglik(used: set[str], probabilities: np.ndarray, student: Student) -> float:
+    """log P(the chain's label set) under C2's independent sigmoids, over the labels C4 can run."""
+    total = 0.0
+    for i, label in enumerate(student.c2_labels):
+        if student.skeletons_by_label.get(label):
+            p = min(max(float(probabilities[i]), 1e-6), 1 - 1e-6)
+            total += math.log(p) if label in used else math.log(1 - p)
+    return total
+
+
 def search(student: Student, problem: c3_model.ProblemText, labels: Sequence[str], probabilities: np.ndarray,
            settings: SearchSettings, plan: Sequence[tuple[str, str]] | None = None) -> list[Chain]:
     """Finished chains, best first. With `plan` (label, skeleton) steps are fixed in order
-    (the nearest-neighbour baseline); otherwise the beam chooses them."""
+    (the nearest-neighbour baseline); otherwise the beam chooses them.
+
+    `settings.require_all_labels`: a chain finishes once it has used every label in `labels`
+    (C2's thresholded set). Otherwise a chain may finish at any length, and its label set is
+    scored by C2's probabilities instead (used labels log p, unused log(1-p))."""
     index = {label: i for i, label in enumerate(student.c2_labels)}
+    cover = plan is not None or settings.require_all_labels
     log_p = {label: math.log(max(float(probabilities[index[label]]), 1e-6)) if label in index else 0.0 for label in labels}
     beam, finished = [Chain()], []
     for depth in range(settings.max_steps if plan is None else len(plan)):
@@ -257,16 +273,21 @@ def search(student: Student, problem: c3_model.ProblemText, labels: Sequence[str
             else:
                 options = [(label, s) for label in labels for s in student.skeletons_by_label.get(label, [])[: settings.skeletons_per_label]]
             for label, skeleton in options:
-                expanded += extend(student, problem, chain, label, log_p.get(label, 0.0), skeleton, settings)
+                expanded += extend(student, problem, chain, label, log_p.get(label, 0.0) if cover else 0.0, skeleton, settings)
         expanded.sort(key=lambda c: -c.score)
         beam = []
         for chain in expanded:
             used = {s.label for s in chain.steps}
-            done = len(chain.steps) == len(plan) if plan is not None else set(labels) <= used
-            if not done:
+            if cover:
+                done = len(chain.steps) == len(plan) if plan is not None else set(labels) <= used
+                if not done:
+                    beam.append(chain)
+                elif every_result_used(chain):
+                    finished.append(chain)
+            else:
                 beam.append(chain)
-            elif every_result_used(chain):
-                finished.append(chain)
+                if every_result_used(chain):
+                    finished.append(Chain(chain.steps, chain.score + label_set_loglik(used, probabilities, student)))
         beam = beam[: settings.beam_width]
         if len(finished) >= settings.max_paths or not beam:
             break

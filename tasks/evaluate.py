@@ -42,21 +42,22 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import torch
 from prefect import get_run_logger, task
 from scipy import stats as scipy_stats
 
 from mycelium import answers, c2_model, c3_model, provenance, solver, stats, steps
 from mycelium import encoder as encoder_module
 from mycelium.config import MyceliumConfig
-from mycelium.errors import MyceliumError
 from mycelium.reports import ReportSection
-from mycelium.store import ArtifactRef, ArtifactStore, artifact_digest, source_code_version
+from mycelium.store import (
+    ArtifactRef,
+    ArtifactStore,
+    artifact_digest,
+    source_code_version,
+)
+from tasks.teacher_cot import select_problems
 
 STEP = "evaluation"
-TEACHER_STEP = "teacher_cot"
-TEACHER_KEYS = ("teacher_problems", "teacher_max_new_tokens", "seed", "n_problems")  # what changes the teacher's answers
-TEACHER_SCHEMA = {"problem_id": pl.Utf8, "answer": pl.Utf8, "text": pl.Utf8, "seconds": pl.Float64}
 SYSTEMS = ("student", "teacher", "nearest", "oracle")
 RESULTS_SCHEMA = {
     "problem_id": pl.Utf8, "level": pl.Int64, "subject": pl.Utf8, "source": pl.Utf8, "gold": pl.Utf8, "n_gold_steps": pl.Int32,
@@ -77,49 +78,6 @@ def evaluation_ref(store: ArtifactStore, cfg: MyceliumConfig, inputs: dict[str, 
     payload = {"eval": cfg.eval.digest_payload(), "teacher": {k: v for k, v in cfg.teacher.digest_payload().items() if k not in ("device", "torch_threads")},
                "c4": cfg.c4.digest_payload(), "steps": cfg.steps.digest_payload()}
     return store.ref(STEP, artifact_digest(STEP, payload, [inputs[k] for k in sorted(inputs)], _code_version()))
-
-
-def teacher_ref(store: ArtifactStore, cfg: MyceliumConfig, eval_problems: ArtifactRef, training_sets: ArtifactRef) -> ArtifactRef:
-    """The teacher's chain of thought is its own artifact: ~17 min for 100 problems on a CPU,
-    so a change to the student's search must not redo it."""
-    payload = {"teacher": {k: v for k, v in cfg.teacher.digest_payload().items() if k not in ("device", "torch_threads")},
-               "eval": {k: cfg.eval.digest_payload()[k] for k in (*TEACHER_KEYS, "dataset")}}
-    code = source_code_version(sys.modules[__name__], answers)
-    return store.ref(TEACHER_STEP, artifact_digest(TEACHER_STEP, payload, [eval_problems, training_sets], code))
-
-
-def select_problems(store: ArtifactStore, eval_problems: ArtifactRef, training_sets: ArtifactRef, cfg: MyceliumConfig) -> pl.DataFrame:
-    """The problems stage 06 evaluates: the held-out split by default, else the eval dataset."""
-    problems = store.read(eval_problems, "problems")
-    if cfg.eval.dataset is None:  # the held-out validation split of the training set
-        held_out = store.read(training_sets, "c2").filter(pl.col("split") == "validation").select("problem_id")
-        problems = problems.join(held_out, on="problem_id", how="semi", maintain_order="left")
-    if cfg.eval.n_problems is not None:
-        problems = problems.head(cfg.eval.n_problems)
-    if problems.height == 0:
-        raise MyceliumError("stage 06: no problems to evaluate (an empty validation split? set eval.dataset or more problems)")
-    return problems
-
-
-def teacher_subset(problem_ids: list[str], cfg: MyceliumConfig) -> list[str]:
-    """A fixed random subset (seeded) of the evaluated problems for the teacher."""
-    if not cfg.eval.teacher_problems:
-        return []
-    rng = np.random.default_rng(cfg.eval.seed)
-    chosen = rng.choice(len(problem_ids), size=min(cfg.eval.teacher_problems, len(problem_ids)), replace=False)
-    return [problem_ids[i] for i in sorted(chosen)]
-
-
-def build_teacher(ref: ArtifactRef, eval_problems: ArtifactRef, training_sets: ArtifactRef, cfg: MyceliumConfig) -> dict[str, Any]:
-    store = ArtifactStore.for_ref(ref)
-    problems = select_problems(store, eval_problems, training_sets, cfg)
-    chosen = set(teacher_subset(problems["problem_id"].to_list(), cfg))
-    rows = problems.filter(pl.col("problem_id").is_in(chosen))
-    outputs = teacher_answers(cfg, rows["problem"].to_list())
-    table = pl.DataFrame({"problem_id": rows["problem_id"].to_list(), "answer": [o[0] for o in outputs], "text": [o[1] for o in outputs],
-                          "seconds": [o[2] for o in outputs]}, schema=TEACHER_SCHEMA)
-    store.write_table(ref, {"answers": table}, metadata={"n": table.height})
-    return {"n": table.height, "seconds": float(table["seconds"].sum()) if table.height else 0.0}
 
 
 def is_math_row(row: dict) -> bool:
@@ -153,7 +111,7 @@ def search_settings(cfg: MyceliumConfig) -> solver.SearchSettings:
     e = cfg.eval
     return solver.SearchSettings(cfg.c2.threshold, e.beam_width, e.mcts_max_paths, e.max_steps, e.skeletons_per_label, e.voting,
                                  e.numerical_consistency_boost, e.simplicity_penalty, cfg.steps.expression_timeout_s,
-                                 cfg.steps.max_expression_length, dict(cfg.c4.domain_constants), e.answer_digits)
+                                 cfg.steps.max_expression_length, dict(cfg.c4.domain_constants), e.answer_digits, e.require_all_labels)
 
 
 # --- checking answers ----------------------------------------------------------------------------------
@@ -209,30 +167,6 @@ def nearest_plans(eval_vectors: np.ndarray, train_vectors: np.ndarray, train_ids
     similarity = eval_vectors @ train_vectors[keep].T
     best = similarity.argmax(axis=1)
     return [(train_ids[keep[b]], plans[train_ids[keep[b]]]) for b in best]
-
-
-def teacher_answers(cfg: MyceliumConfig, problems: list[str], progress: bool = True) -> list[tuple[str | None, str, float]]:
-    """(extracted answer, generated text, seconds) for each problem, greedy chain of thought."""
-    from tqdm.auto import tqdm
-
-    from mycelium.config import Settings
-    from mycelium.teacher import build_prompt, load_teacher
-
-    teacher = load_teacher(cfg.teacher, Settings().cache_dir)
-    tokenizer, model = teacher.tokenizer, teacher.model
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result = []
-    for problem in tqdm(problems, desc="teacher chain of thought", unit="problem", disable=not progress):
-        prompt = build_prompt(tokenizer, problem, cfg.teacher.use_chat_template)
-        ids = tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens, return_tensors="pt")["input_ids"].to(teacher.device)
-        started = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.eval.teacher_max_new_tokens,
-                                 do_sample=False, pad_token_id=pad)
-        seconds = time.perf_counter() - started
-        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        result.append((answers.extract_final_answer(text), text, seconds))
-    return result
 
 
 # --- the run ---------------------------------------------------------------------------------------------
@@ -393,13 +327,6 @@ def build_evaluation(ref: ArtifactRef, eval_problems: ArtifactRef, teacher: Arti
     store.write_file(ref, "summary.json", json.dumps(summary, indent=2, default=float).encode())
     store.write_table(ref, {"results": results}, metadata={"n_problems": results.height})
     return summary
-
-
-@task(name="teacher-cot")
-def teacher_task(ref: ArtifactRef, eval_problems: ArtifactRef, training_sets: ArtifactRef, cfg: MyceliumConfig) -> ArtifactRef:
-    meta = build_teacher(ref, eval_problems, training_sets, cfg)
-    get_run_logger().info("teacher chain of thought: %d problems in %.0f s", meta["n"], meta["seconds"])
-    return ref
 
 
 @task(name="evaluate")
