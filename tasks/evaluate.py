@@ -338,6 +338,12 @@ def evaluate_task(ref: ArtifactRef, eval_problems: ArtifactRef, teacher: Artifac
     return ref
 
 
+def _p_value(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return "< 1e-300" if p == 0.0 else f"{p:.3g}"  # 0.0 is a float underflow, not certainty
+
+
 def _short(a: dict) -> str:
     return f"{a['accuracy']:.3f} [{a['low']:.3f}, {a['high']:.3f}] (n={a['n']})" if a["n"] else "not run"
 
@@ -356,7 +362,7 @@ def report_section(store: ArtifactStore, ref: ArtifactRef) -> ReportSection:
     for system in SYSTEMS:
         a = s[f"{system}_accuracy"]
         p = s.get(f"mcnemar_student_vs_{system}", {}).get("p_value")
-        lines.append(f"| {system} | {_short(a)} | {a['correct']} / {a['n']} | {'—' if system == 'student' else (f'{p:.3g}' if p is not None else '—')} |")
+        lines.append(f"| {system} | {_short(a)} | {a['correct']} / {a['n']} | {'—' if system == 'student' else _p_value(p)} |")
     subset = s["student_accuracy_on_teacher_subset"]
     lines += [
         "",
