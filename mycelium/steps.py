@@ -508,7 +508,10 @@ def _convert(latex: str) -> str:
             out.append(")")
             position += 1
         elif char.isdigit() or char == ".":
-            number = re.match(r"\d*\.?\d+|\d+\.?", latex[position:]).group()
+            match = re.match(r"\d*\.?\d+|\d+\.?", latex[position:])
+            if match is None:  # a full stop that ends a sentence inside the math, not a number
+                raise LatexUnsupported("a '.' that is not part of a number")
+            number = match.group()
             out.append(number)
             position += len(number)
         elif char.isalpha():

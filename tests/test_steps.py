@@ -179,6 +179,10 @@ def test_latex_converter():
     assert latex_to_arithmetic(r"2\frac{1}{2}") == "(2+((1)/(2)))"  # a mixed number
     with pytest.raises(LatexUnsupported):
         latex_to_arithmetic(r"\binom{5}{2}")
+    # A full stop inside the math is not a number (MATH-500 has such sentences): refused, not a crash.
+    with pytest.raises(LatexUnsupported):
+        latex_to_arithmetic(r"x . 2")
+    assert split_solution({"problem_id": "dot", "solution": "Hence $a . b = 5$ and $2+3 = 5$."}, SETTINGS).steps[0].expression_text == "2+3"
 
 
 # --- frames --------------------------------------------------------------------------------------
