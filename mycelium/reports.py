@@ -105,3 +105,8 @@ def steps_section(statuses: dict[str, str], refs: dict[str, Any], chunk_counts: 
         **chunk_counts,
     }
     return ReportSection(summary, "\n".join(lines) + "\n")
+
+
+def format_rate(rate: dict) -> str:
+    """`0.660 [0.648, 0.672] (3967/6012)` from a `stats.rate_with_interval` dict."""
+    return f"{rate['rate']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}] ({rate['count']}/{rate['n']})"

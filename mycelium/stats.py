@@ -234,3 +234,9 @@ def partial_correlation(x, y, control, confidence: float = 0.95) -> Correlation:
         return Correlation(r, NAN, NAN, n, p_value)
     low, high = _fisher_interval(r, n, confidence, 1.0 / math.sqrt(n - 3 - k))
     return Correlation(r, low, high, n, p_value)
+
+
+def rate_with_interval(successes: int, n: int, confidence: float = 0.95) -> dict[str, float]:
+    """A success rate as the reports store it: count, n, rate and its Wilson interval."""
+    interval = wilson_interval(successes, n, confidence)
+    return {"count": successes, "n": n, "rate": successes / n if n else float("nan"), "low": interval.low, "high": interval.high}

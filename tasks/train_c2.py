@@ -34,7 +34,7 @@ from mycelium import c2_model, stats
 from mycelium import encoder as encoder_module
 from mycelium.config import C2Config
 from mycelium.errors import MyceliumError
-from mycelium.reports import ReportSection
+from mycelium.reports import ReportSection, format_rate
 from mycelium.store import (
     ArtifactRef,
     ArtifactStore,
@@ -135,10 +135,6 @@ def build_model(ref: ArtifactRef, training_sets: ArtifactRef, features: Artifact
     return summary
 
 
-def _rate(successes: int, n: int) -> dict[str, float]:
-    interval = stats.wilson_interval(successes, n)
-    return {"count": successes, "n": n, "rate": successes / n if n else float("nan"), "low": interval.low, "high": interval.high}
-
 
 def _summary(final: dict, base: dict, result: c2_model.C2Result, n_train: int, validation: c2_model.C2Data, beats: np.ndarray) -> dict[str, Any]:
     known = ~np.isnan(validation.heartbeats)
@@ -158,7 +154,7 @@ def _summary(final: dict, base: dict, result: c2_model.C2Result, n_train: int, v
     }
     for name, scores in (("c2", final), ("label_prior", base["label_prior"]), ("most_common_set", base["most_common_set"])):
         for metric in ("any_correct", "all_correct"):
-            summary[f"{name}_{metric}"] = _rate(scores[metric], scores["n"])
+            summary[f"{name}_{metric}"] = stats.rate_with_interval(scores[metric], scores["n"])
         summary[f"{name}_macro_f1"] = scores["macro_f1"]
     summary["most_common_set"] = base["most_common_set"]["set"]
     return summary
@@ -210,9 +206,6 @@ def train_task(ref: ArtifactRef, training_sets: ArtifactRef, features: ArtifactR
     return ref
 
 
-def _cell(rate: dict) -> str:
-    return f"{rate['rate']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}] ({rate['count']}/{rate['n']})"
-
 
 def report_section(store: ArtifactStore, ref: ArtifactRef, labels: list[str]) -> ReportSection:
     manifest = store.verify(ref)
@@ -227,7 +220,7 @@ def report_section(store: ArtifactStore, ref: ArtifactRef, labels: list[str]) ->
         "|---|---|---|---|",
     ]
     for name, title in (("c2", "C2"), ("label_prior", "label prior (no text)"), ("most_common_set", f"most common set {summary['most_common_set']} (no text)")):
-        lines.append(f"| {title} | {_cell(summary[f'{name}_any_correct'])} | {_cell(summary[f'{name}_all_correct'])} | {summary[f'{name}_macro_f1']:.3f} |")
+        lines.append(f"| {title} | {format_rate(summary[f'{name}_any_correct'])} | {format_rate(summary[f'{name}_all_correct'])} | {summary[f'{name}_macro_f1']:.3f} |")
     if summary["heartbeat_mae"] is not None:
         lines += ["", f"Heartbeat count, mean absolute error: {summary['heartbeat_mae']:.2f} [{summary['heartbeat_mae_low']:.2f}, {summary['heartbeat_mae_high']:.2f}]."]
     lines += ["", "| label | support | F1 |", "|---|---|---|"]

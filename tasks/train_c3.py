@@ -31,7 +31,7 @@ from mycelium import c3_model, provenance, stats
 from mycelium import encoder as encoder_module
 from mycelium.config import C2Config, C3Config, C4Config
 from mycelium.errors import MyceliumError
-from mycelium.reports import ReportSection
+from mycelium.reports import ReportSection, format_rate
 from mycelium.store import ArtifactRef, ArtifactStore, artifact_digest, source_code_version
 from tasks.train_c2 import device, plot_training
 
@@ -152,10 +152,6 @@ def build_model(ref: ArtifactRef, training_sets: ArtifactRef, features: Artifact
     return summary
 
 
-def _rate(successes: int, n: int) -> dict[str, float]:
-    interval = stats.wilson_interval(successes, n)
-    return {"count": successes, "n": n, "rate": successes / n if n else float("nan"), "low": interval.low, "high": interval.high}
-
 
 def _summary(result: c3_model.C3Result, validation, keys: list, beam_width: int, cfg: C3Config) -> dict[str, Any]:
     import torch
@@ -170,11 +166,11 @@ def _summary(result: c3_model.C3Result, validation, keys: list, beam_width: int,
             chance += (1.0 / batch["mask"].sum(1)).tolist()
     ranks = np.array(ranks)
     summary = {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "beam_width": beam_width,
-               "top1": _rate(int((ranks == 0).sum()), len(ranks)), "in_beam": _rate(int((ranks < beam_width).sum()), len(ranks)),
+               "top1": stats.rate_with_interval(int((ranks == 0).sum()), len(ranks)), "in_beam": stats.rate_with_interval(int((ranks < beam_width).sum()), len(ranks)),
                "chance_top1": float(np.mean(chance)), "by_provenance": {}}
     for kind in sorted(set(kinds)):
         mask = np.array([k == kind for k in kinds])
-        summary["by_provenance"][kind] = {"top1": _rate(int((ranks[mask] == 0).sum()), int(mask.sum())),
+        summary["by_provenance"][kind] = {"top1": stats.rate_with_interval(int((ranks[mask] == 0).sum()), int(mask.sum())),
                                           "chance_top1": float(np.mean(np.array(chance)[mask]))}
     slot_right = Counter()
     slot_total = Counter()
@@ -182,7 +178,7 @@ def _summary(result: c3_model.C3Result, validation, keys: list, beam_width: int,
         slot_total[key] += 1
         slot_right[key] += int(rank == 0)
     exact = sum(1 for key in slot_total if slot_right[key] == slot_total[key])
-    summary["slots_exact"] = _rate(exact, len(slot_total))
+    summary["slots_exact"] = stats.rate_with_interval(exact, len(slot_total))
     return summary
 
 
@@ -201,9 +197,6 @@ def train_task(ref: ArtifactRef, training_sets: ArtifactRef, features: ArtifactR
     return ref
 
 
-def _cell(rate: dict) -> str:
-    return f"{rate['rate']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}] ({rate['count']}/{rate['n']})"
-
 
 def report_section(store: ArtifactStore, ref: ArtifactRef) -> ReportSection:
     manifest = store.verify(ref)
@@ -216,13 +209,13 @@ def report_section(store: ArtifactStore, ref: ArtifactRef) -> ReportSection:
         "",
         "| validation | C3 | uniform pick among the same candidates |",
         "|---|---|---|",
-        f"| pointer top-1 | {_cell(s['top1'])} | {s['chance_top1']:.3f} |",
-        f"| gold within the top {s['beam_width']} | {_cell(s['in_beam'])} | — |",
-        f"| slots with every operand right at top-1 | {_cell(s['slots_exact'])} | — |",
+        f"| pointer top-1 | {format_rate(s['top1'])} | {s['chance_top1']:.3f} |",
+        f"| gold within the top {s['beam_width']} | {format_rate(s['in_beam'])} | — |",
+        f"| slots with every operand right at top-1 | {format_rate(s['slots_exact'])} | — |",
         "",
         "| provenance | top-1 | chance |",
         "|---|---|---|",
-        *[f"| {kind} | {_cell(v['top1'])} | {v['chance_top1']:.3f} |" for kind, v in s["by_provenance"].items()],
+        *[f"| {kind} | {format_rate(v['top1'])} | {v['chance_top1']:.3f} |" for kind, v in s["by_provenance"].items()],
     ]
     figures = {"c3_training_curve.png": store.read_file(ref, "training_curve.png")} if "training_curve.png" in manifest.files else {}
     if figures:
