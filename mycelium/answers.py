@@ -52,12 +52,8 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import re
-import subprocess
-import sys
 from fractions import Fraction
-from multiprocessing.connection import Connection
 
 from mycelium.datasets import extract_boxed_answer, extract_gsm8k_answer
 from mycelium.expressions import (
@@ -330,40 +326,10 @@ def _math_verify_helper_main(request_fd: int, reply_fd: int) -> None:
     _helper_main(request_fd, reply_fd)
 
 
-class _MathVerifyHelper(_Helper):
-    """`mycelium.expressions`' killable helper (same protocol, time limit, fork handling),
-    started on `_math_verify_helper_main` instead: math-verify is not one of its operations,
-    and its import should not slow every expression helper down."""
-
-    def _start(self) -> None:
-        request_read, request_write = os.pipe()
-        reply_read, reply_write = os.pipe()
-        bootstrap = (
-            f"import sys; sys.path[:0] = {[entry for entry in sys.path if entry]!r}; "
-            f"from mycelium.answers import _math_verify_helper_main; _math_verify_helper_main({request_read}, {reply_write})"
-        )
-        try:
-            self._process = subprocess.Popen(
-                [sys.executable, "-c", bootstrap],
-                pass_fds=(request_read, reply_write),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                close_fds=True,
-            )
-        finally:
-            os.close(request_read)
-            os.close(reply_write)
-        self._requests = Connection(request_write, readable=False)
-        self._replies = Connection(reply_read, writable=False)
-        self._owner_pid = os.getpid()
-        try:
-            self._replies.recv()  # "ready", or EOF if the helper died while importing
-        except (EOFError, OSError):
-            self._stop()
-            raise ExpressionError("worker_failed", "", "the math-verify helper process failed to start") from None
-
-
-_MATH_VERIFY_HELPER = _MathVerifyHelper()
+# The expression helper's process (same protocol, time limit, fork handling), started on its
+# own entry point: math-verify is not one of its operations, and importing it should not slow
+# every expression helper down.
+_MATH_VERIFY_HELPER = _Helper("mycelium.answers:_math_verify_helper_main", "the math-verify helper")
 atexit.register(_MATH_VERIFY_HELPER.close)
 
 

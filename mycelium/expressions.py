@@ -441,9 +441,15 @@ def _helper_main(request_fd: int, reply_fd: int) -> None:
 
 
 class _Helper:
-    """One long-lived helper process; `call` runs an operation in it under a hard time limit."""
+    """One long-lived helper process; `call` runs an operation in it under a hard time limit.
 
-    def __init__(self) -> None:
+    `entry` names the function the process starts on (`module:function`, taking the request
+    and reply pipe descriptors); `what` names the helper in its one error message.
+    """
+
+    def __init__(self, entry: str = "mycelium.expressions:_helper_main", what: str = "the expression helper") -> None:
+        self._entry_module, self._entry_function = entry.split(":")
+        self._what = what
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._requests: Connection | None = None
@@ -455,7 +461,7 @@ class _Helper:
         reply_read, reply_write = os.pipe()
         bootstrap = (
             f"import sys; sys.path[:0] = {[entry for entry in sys.path if entry]!r}; "
-            f"from mycelium.expressions import _helper_main; _helper_main({request_read}, {reply_write})"
+            f"from {self._entry_module} import {self._entry_function}; {self._entry_function}({request_read}, {reply_write})"
         )
         try:
             self._process = subprocess.Popen(
@@ -477,7 +483,7 @@ class _Helper:
             self._replies.recv()
         except (EOFError, OSError):
             self._stop()
-            raise ExpressionError("worker_failed", "", "the expression helper process failed to start") from None
+            raise ExpressionError("worker_failed", "", f"{self._what} process failed to start") from None
 
     def _stop(self) -> None:
         if self._process is not None and self._owner_pid == os.getpid():
