@@ -114,10 +114,10 @@ def mycelium(
         step(train_c2.train_task, c2_model_ref, training_ref, c2_features_ref, cfg.c2)
 
     c3_features_ref = train_c3.features_ref(store, cfg.c3, cfg.c4, training_ref)
-    c3_model_ref = train_c3.model_ref(store, cfg.c3, cfg.c4, list(cfg.c2.labels), cfg.eval.beam_width, training_ref, c3_features_ref)
+    c3_model_ref = train_c3.model_ref(store, cfg.c3, cfg.c4, list(cfg.c2.labels), cfg.eval.beam_width, cfg.eval.max_steps, training_ref, c3_features_ref)
     if "05" in selected:
         step(train_c3.features_task, c3_features_ref, training_ref, cfg.c3, cfg.c4)
-        step(train_c3.train_task, c3_model_ref, training_ref, c3_features_ref, cfg.c3, cfg.c4, cfg.c2, cfg.eval.beam_width)
+        step(train_c3.train_task, c3_model_ref, training_ref, c3_features_ref, cfg.c3, cfg.c4, cfg.c2, cfg.eval.beam_width, cfg.eval.max_steps)
 
     eval_inputs = {"training_sets": training_ref, "c2_features": c2_features_ref, "c2_model": c2_model_ref, "c3_model": c3_model_ref}
     eval_dataset = cfg.dataset

@@ -221,6 +221,10 @@ class EvalConfig(Section):
     max_steps: int = Field(ge=1)
     skeletons_per_label: int = Field(ge=1)
     require_all_labels: bool
+    coverage_prior: bool
+    step_choice: Literal["planner", "c2_labels"]
+    planner_top_k: int = Field(ge=1)
+    planner_uses_c2: bool
     voting: Literal["weighted", "majority", "top1"]
     numerical_consistency_boost: float = Field(ge=0.0)
     simplicity_penalty: float = Field(ge=0.0)

@@ -8,6 +8,9 @@ calls and float arithmetic.
 You should see: for each problem the predicted labels, the chosen chain (skeleton and
 operands per step), the answer and the ranked list of distinct candidate answers.
 
+With `eval.step_choice: planner` (the default) stage 05's step planner proposes each next
+skeleton and says when a chain stops (`planned_search`); `c2_labels` is the seed's loop below.
+
 The search (a beam over partial chains, bounded by `eval.mcts_max_paths` finished chains):
   1. C2 gives label probabilities; the labels at or above its threshold must each be used by
      some step (the most probable label when none passes). Labels without any training
@@ -15,10 +18,13 @@ The search (a beam over partial chains, bounded by `eval.mcts_max_paths` finishe
   2. A partial chain is extended by one step: a skeleton of one of the predicted labels (the
      `eval.skeletons_per_label` most common in training for that label), its operands from
      C3's beam (which points only at the problem's numbers and words, earlier results,
-     constants), and C4 evaluates it. Its score adds C3's log-probabilities and the log of C2's
-     probability of that label; `eval.simplicity_penalty` is paid per step.
+     constants, and knows how often the chain already used each), and C4 evaluates it. Its
+     score adds C3's log-probabilities and the log of C2's probability of that label;
+     `eval.simplicity_penalty` is paid per step. C3 scores every option of a chain in one pass.
   3. A chain is finished once every predicted label has been used and every earlier result
-     has been consumed by a later step, at which point its last value is a candidate answer; chains longer than `eval.max_steps` are dropped. Order is
+     has been consumed by a later step, at which point its last value is a candidate answer
+     and, with `eval.coverage_prior`, it adds log P(k written numbers left unused) as counted on
+     the training chains; chains longer than `eval.max_steps` are dropped. Order is
      greedy by score; other orders of the labels come through the beam (the fallback when
      the greedy order yields nothing).
   4. Voting over finished chains: `weighted` sums exp(score) per distinct answer, `majority`
@@ -37,7 +43,7 @@ from __future__ import annotations
 import math
 import string
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -49,6 +55,7 @@ import torch
 
 from mycelium import c2_model, c3_model
 from mycelium.expressions import ExpressionError, parse_expression
+from mycelium.planner import PlannerVocabulary, StepPlanner, next_steps, state_vector
 
 SLOT_SYMBOLS = string.ascii_lowercase  # skeleton slot i is parsed as the i-th letter
 MAX_FACTORIAL = 170  # the largest n whose factorial is a finite float
@@ -148,6 +155,10 @@ class SearchSettings:
     domain_constants: Mapping[str, float]
     answer_digits: int  # significant digits under which two answers count as the same
     require_all_labels: bool = True  # finish only chains that use every label C2 predicts
+    coverage_prior: bool = True  # add log P(numbers left unused) from training when a chain finishes
+    step_choice: str = "c2_labels"  # "planner": the step planner proposes and scores each next skeleton
+    planner_top_k: int = 6  # skeletons the planner proposes per step
+    planner_uses_c2: bool = False  # a planned chain also adds C2's log P(its label set)
 
 
 @dataclass
@@ -157,6 +168,9 @@ class Student:
     c3: c3_model.PointerScorer
     vocab: c3_model.Vocabulary
     skeletons_by_label: dict[str, list[str]]  # label → most common training skeletons first
+    unused_log_prior: list[float] = field(default_factory=list)  # log P(k written numbers unused), stage 05
+    planner: StepPlanner | None = None  # next skeleton or STOP (stage 05), for step_choice "planner"
+    planner_vocab: PlannerVocabulary | None = None
 
 
 @dataclass
@@ -204,25 +218,72 @@ def _answer_key(value: float, digits: int) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def extend(student: Student, problem: c3_model.ProblemText, chain: Chain, label: str, label_logp: float, skeleton: str,
-           settings: SearchSettings) -> list[Chain]:
-    """Every way C3's beam fills one more step of `chain` with `skeleton`."""
-    compiled = compile_skeleton(skeleton, settings.timeout_s, settings.max_length)
-    if compiled is None:
-        return []
-    arity = compiled[1]
+@dataclass
+class Proposal:
+    """One more step for a chain, scored but not yet computed."""
+
+    chain: Chain
+    label: str
+    skeleton: str
+    operands: list[c3_model.Candidate]
+    score: float
+
+
+def propose(student: Student, problem: c3_model.ProblemText, chain: Chain, options: Sequence[tuple[str, float, str]],
+            settings: SearchSettings) -> list[Proposal]:
+    """Every way C3's beam fills one more step of `chain`, for each (label, label log-p,
+    skeleton) option. C3 scores all options' operand slots in one pass over the chain's
+    candidates (what exists now, and how often the chain already used each)."""
+    compiled = [(label, logp, skeleton, compile_skeleton(skeleton, settings.timeout_s, settings.max_length)) for label, logp, skeleton in options]
+    compiled = [(label, logp, skeleton, c[1]) for label, logp, skeleton, c in compiled if c is not None]
     n_prior = len(chain.steps)
-    prior_steps, prior_values = list(range(n_prior)), chain.values()
-    examples = c3_model.slot_examples(problem, label, skeleton, n_prior, n_prior, prior_steps, prior_values, None, arity,
-                                      settings.domain_constants, student.vocab)
+    candidates, text_features, numeric = c3_model.candidate_table(problem, n_prior, list(range(n_prior)), chain.values(),
+                                                                  settings.domain_constants, student.vocab, chain_uses(chain))
+    slots = [(label, skeleton, arity) for label, _, skeleton, arity in compiled]
+    decoded = c3_model.decode_slots(student.c3, problem, candidates, text_features, numeric, slots, n_prior, n_prior, student.vocab, settings.beam_width)
+    return [Proposal(chain, label, skeleton, operands, chain.score + logp + label_logp - settings.simplicity_penalty)
+            for (label, label_logp, skeleton, _), beams in zip(compiled, decoded, strict=True) for operands, logp in beams]
+
+
+def compute(proposal: Proposal, settings: SearchSettings) -> Chain | None:
+    """C4 on a proposal: the longer chain, or None when the step is undefined or degenerate."""
+    value = run_skeleton(proposal.skeleton, [o.value for o in proposal.operands], settings.timeout_s, settings.max_length)
+    if value is None or _degenerate(proposal.operands, value):
+        return None
+    return Chain([*proposal.chain.steps, Step(proposal.label, proposal.skeleton, proposal.operands, value)], proposal.score)
+
+
+def extend(student: Student, problem: c3_model.ProblemText, chain: Chain, options: Sequence[tuple[str, float, str]],
+           settings: SearchSettings) -> list[Chain]:
+    """Every computable one-step extension of `chain` (see `propose`)."""
+    return [c for c in (compute(p, settings) for p in propose(student, problem, chain, options, settings)) if c is not None]
+
+
+def best_computable(proposals: list[Proposal], width: int, settings: SearchSettings) -> list[Chain]:
+    """The `width` best proposals that C4 can compute, computing no more than it must."""
     result = []
-    for operands, logp in c3_model.decode(student.c3, examples, settings.beam_width):
-        value = run_skeleton(skeleton, [o.value for o in operands], settings.timeout_s, settings.max_length)
-        if value is None or _degenerate(operands, value):
-            continue
-        step = Step(label, skeleton, operands, value)
-        result.append(Chain([*chain.steps, step], chain.score + logp + label_logp - settings.simplicity_penalty))
+    for proposal in sorted(proposals, key=lambda p: -p.score):
+        chain = compute(proposal, settings)
+        if chain is not None:
+            result.append(chain)
+            if len(result) == width:
+                break
     return result
+
+
+def chain_uses(chain: Chain) -> Counter:
+    """How often the chain's steps took each thing (`c3_model.usage_key`)."""
+    return Counter(c3_model.candidate_usage_key(o) for step in chain.steps for o in step.operands)
+
+
+def coverage_logp(student: Student, problem: c3_model.ProblemText, chain: Chain, settings: SearchSettings) -> float:
+    """log P(this many written numbers left unused) under the training chains' distribution."""
+    prior = student.unused_log_prior
+    if not settings.coverage_prior or not prior:
+        return 0.0
+    used = {o.span_start for step in chain.steps for o in step.operands if o.kind == c3_model.TEXT}
+    unused = len(c3_model.text_mentions(problem) - used)
+    return prior[min(unused, len(prior) - 1)]
 
 
 def _degenerate(operands: Sequence[c3_model.Candidate], value: float) -> bool:
@@ -272,8 +333,7 @@ def search(student: Student, problem: c3_model.ProblemText, labels: Sequence[str
                 options = [(label, skeleton)]
             else:
                 options = [(label, s) for label in labels for s in student.skeletons_by_label.get(label, [])[: settings.skeletons_per_label]]
-            for label, skeleton in options:
-                expanded += extend(student, problem, chain, label, log_p.get(label, 0.0) if cover else 0.0, skeleton, settings)
+            expanded += extend(student, problem, chain, [(label, log_p.get(label, 0.0) if cover else 0.0, skeleton) for label, skeleton in options], settings)
         expanded.sort(key=lambda c: -c.score)
         beam = []
         for chain in expanded:
@@ -283,12 +343,41 @@ def search(student: Student, problem: c3_model.ProblemText, labels: Sequence[str
                 if not done:
                     beam.append(chain)
                 elif every_result_used(chain):
-                    finished.append(chain)
+                    finished.append(Chain(chain.steps, chain.score + coverage_logp(student, problem, chain, settings)))
             else:
                 beam.append(chain)
                 if every_result_used(chain):
-                    finished.append(Chain(chain.steps, chain.score + label_set_loglik(used, probabilities, student)))
+                    finished.append(Chain(chain.steps, chain.score + label_set_loglik(used, probabilities, student)
+                                          + coverage_logp(student, problem, chain, settings)))
         beam = beam[: settings.beam_width]
+        if len(finished) >= settings.max_paths or not beam:
+            break
+    return sorted(finished, key=lambda c: -c.score)[: settings.max_paths]
+
+
+def planned_search(student: Student, problem: c3_model.ProblemText, probabilities: np.ndarray, settings: SearchSettings) -> list[Chain]:
+    """The search with the step planner: at each step it proposes its `planner_top_k` most
+    probable skeletons (their log-probabilities join the score) and a chain that has used every
+    earlier result may stop, paying log P(STOP). With `planner_uses_c2` a finished chain also
+    adds C2's log-probability of its label set."""
+    vocab, written = student.planner_vocab, c3_model.text_mentions(problem)
+    beam, finished = [Chain()], []
+    for depth in range(settings.max_steps + 1):
+        expanded = []
+        for chain in beam:
+            used = {o.span_start for step in chain.steps for o in step.operands if o.kind == c3_model.TEXT}
+            state = state_vector(problem.pooled, [s.skeleton for s in chain.steps], [s.label for s in chain.steps], len(written - used), len(written), vocab)
+            log_p = next_steps(student.planner, state)
+            if chain.steps and every_result_used(chain):
+                c2_term = label_set_loglik({s.label for s in chain.steps}, probabilities, student) if settings.planner_uses_c2 else 0.0
+                finished.append(Chain(chain.steps, chain.score + float(log_p[vocab.stop]) + c2_term + coverage_logp(student, problem, chain, settings)))
+            if depth == settings.max_steps:
+                continue
+            proposed = [i for i in np.argsort(-log_p[: vocab.other]) if vocab.skeletons[i] in vocab.label_of][: settings.planner_top_k]
+            expanded += propose(student, problem, chain, [(vocab.label_of[vocab.skeletons[i]], float(log_p[i]), vocab.skeletons[i]) for i in proposed], settings)
+        # Only the beam goes on (finishing is decided for beam members), so C4 runs only as far
+        # down the ranking as it takes to fill it.
+        beam = best_computable(expanded, settings.beam_width, settings)
         if len(finished) >= settings.max_paths or not beam:
             break
     return sorted(finished, key=lambda c: -c.score)[: settings.max_paths]
@@ -334,7 +423,10 @@ def solve(student: Student, problem: c3_model.ProblemText, settings: SearchSetti
     labels = executable_labels(student, labels, probabilities, settings.max_steps)
     if plan is not None:
         labels = [label for label, _ in plan]
-    chains = search(student, problem, labels, probabilities, settings, plan)
+    if plan is None and settings.step_choice == "planner" and student.planner is not None:
+        chains = planned_search(student, problem, probabilities, settings)
+    else:
+        chains = search(student, problem, labels, probabilities, settings, plan)
     ranked = vote(chains, settings)
     answer = ranked[0][0] if ranked else None
     best_chain = next((c for c in chains if answer is not None and _answer_key(c.steps[-1].value, settings.answer_digits) == answer), None)

@@ -45,7 +45,16 @@ import polars as pl
 from prefect import get_run_logger, task
 from scipy import stats as scipy_stats
 
-from mycelium import answers, c2_model, c3_model, provenance, solver, stats, steps
+from mycelium import (
+    answers,
+    c2_model,
+    c3_model,
+    planner,
+    provenance,
+    solver,
+    stats,
+    steps,
+)
 from mycelium import encoder as encoder_module
 from mycelium.config import MyceliumConfig
 from mycelium.reports import ReportSection
@@ -62,7 +71,7 @@ SYSTEMS = ("student", "teacher", "nearest", "oracle")
 RESULTS_SCHEMA = {
     "problem_id": pl.Utf8, "level": pl.Int64, "subject": pl.Utf8, "source": pl.Utf8, "gold": pl.Utf8, "n_gold_steps": pl.Int32,
     "student_answer": pl.Utf8, "student_correct": pl.Boolean, "student_numeric": pl.Boolean, "student_math_verify": pl.Boolean,
-    "student_hendrycks": pl.Boolean, "student_in_beam": pl.Boolean, "student_labels": pl.List(pl.Utf8), "student_expression": pl.Utf8,
+    "student_hendrycks": pl.Boolean, "student_in_beam": pl.Boolean, "student_in_pool": pl.Boolean, "student_labels": pl.List(pl.Utf8), "student_expression": pl.Utf8,
     "student_chains": pl.Int32, "student_ms": pl.Float64, "nearest_problem": pl.Utf8, "nearest_answer": pl.Utf8,
     "nearest_correct": pl.Boolean, "oracle_answer": pl.Utf8, "oracle_correct": pl.Boolean, "teacher_answer": pl.Utf8,
     "teacher_correct": pl.Boolean, "teacher_ms": pl.Float64, "teacher_text": pl.Utf8,
@@ -71,7 +80,7 @@ MATH_SOURCE = "math"
 
 
 def _code_version() -> str:
-    return source_code_version(sys.modules[__name__], solver, c3_model, c2_model, answers, provenance)
+    return source_code_version(sys.modules[__name__], solver, c3_model, c2_model, planner, answers, provenance)
 
 
 def evaluation_ref(store: ArtifactStore, cfg: MyceliumConfig, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
@@ -98,20 +107,25 @@ def load_student(store: ArtifactStore, inputs: dict[str, ArtifactRef], cfg: Myce
     c2_files = {name: store.read_file(inputs["c2_model"], name) for name in ("c2_heads.safetensors", "c2_config.json")}
     heads, c2_config = c2_model.load_c2(c2_files)
     c3_files = {name: store.read_file(inputs["c3_model"], name) for name in ("c3_pointer.safetensors", "c3_config.json")}
-    pointer, vocab, _ = c3_model.load_c3(c3_files)
+    pointer, vocab, c3_config = c3_model.load_c3(c3_files)
     slots = store.read(inputs["training_sets"], "c3_slots").filter(pl.col("split") == "train")
     counts = slots.group_by("label", "skeleton").len().sort(["label", "len", "skeleton"], descending=[False, True, False])
     by_label: dict[str, list[str]] = {}
     for label, skeleton, _ in counts.iter_rows():
         by_label.setdefault(label, []).append(skeleton)
-    return solver.Student(heads, list(c2_config["labels"]), pointer, vocab, by_label)
+    files = store.verify(inputs["c3_model"]).files
+    plan_model, plan_vocab = (planner.load_planner({name: store.read_file(inputs["c3_model"], name) for name in ("planner.safetensors", "planner_config.json")})
+                              if "planner.safetensors" in files else (None, None))
+    return solver.Student(heads, list(c2_config["labels"]), pointer, vocab, by_label, list(c3_config.get("unused_mentions_log_prior", [])),
+                          plan_model, plan_vocab)
 
 
 def search_settings(cfg: MyceliumConfig) -> solver.SearchSettings:
     e = cfg.eval
     return solver.SearchSettings(cfg.c2.threshold, e.beam_width, e.mcts_max_paths, e.max_steps, e.skeletons_per_label, e.voting,
                                  e.numerical_consistency_boost, e.simplicity_penalty, cfg.steps.expression_timeout_s,
-                                 cfg.steps.max_expression_length, dict(cfg.c4.domain_constants), e.answer_digits, e.require_all_labels)
+                                 cfg.steps.max_expression_length, dict(cfg.c4.domain_constants), e.answer_digits, e.require_all_labels,
+                                 e.coverage_prior, e.step_choice, e.planner_top_k, e.planner_uses_c2)
 
 
 # --- checking answers ----------------------------------------------------------------------------------
@@ -213,8 +227,11 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
         solution = solver.solve(student, problem, search, started=started)
         student_answer = format_answer(solution.answer)
         student_check = check(student_answer, row.get("answer"), is_math, cfg)
-        in_beam = any(correct(check(format_answer(a), row.get("answer"), is_math, cfg), is_math)
-                      for a, _ in solution.ranked_answers[: cfg.eval.beam_width]) if row.get("answer") is not None else None
+        # where the gold answer sits among the distinct answers of every finished chain (-1: absent)
+        gold_rank = next((rank for rank, (a, _) in enumerate(solution.ranked_answers)
+                          if correct(check(format_answer(a), row.get("answer"), is_math, cfg), is_math)), -1) if row.get("answer") is not None else None
+        in_beam = None if gold_rank is None else 0 <= gold_rank < cfg.eval.beam_width
+        in_pool = None if gold_rank is None else gold_rank >= 0
         near = solver.solve(student, problem, search, plan=plan) if plan else None
         near_answer = format_answer(near.answer) if near else None
         oracle_value, n_gold_steps = oracle_answer(row, step_settings, prov_settings, search)
@@ -224,7 +241,7 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
             "gold": row.get("answer"), "n_gold_steps": n_gold_steps,
             "student_answer": student_answer, "student_correct": correct(student_check, is_math),
             "student_numeric": student_check["numeric"], "student_math_verify": student_check["math_verify"], "student_hendrycks": student_check["hendrycks"],
-            "student_in_beam": in_beam, "student_labels": solution.labels, "student_expression": solution.expression(),
+            "student_in_beam": in_beam, "student_in_pool": in_pool, "student_labels": solution.labels, "student_expression": solution.expression(),
             "student_chains": solution.n_chains, "student_ms": solution.seconds * 1000.0,
             "nearest_problem": neighbour_id or None, "nearest_answer": near_answer,
             "nearest_correct": correct(check(near_answer, row.get("answer"), is_math, cfg), is_math),
@@ -273,6 +290,7 @@ def summarise(results: pl.DataFrame, cfg: MyceliumConfig) -> dict[str, Any]:
     teacher_rows = results.filter(pl.col("teacher_correct").is_not_null())
     summary["student_accuracy_on_teacher_subset"] = _accuracy(teacher_rows["student_correct"])
     summary["student_in_beam"] = _accuracy(results["student_in_beam"]) | {"k": cfg.eval.beam_width}
+    summary["student_in_pool"] = _accuracy(results["student_in_pool"])
     summary["student_valid_chain"] = _accuracy(results["student_chains"] > 0)
     easy = pl.col("n_gold_steps") <= cfg.eval.easy_max_steps
     summary["latency_student_easy"] = _percentiles(results.filter(easy & (pl.col("n_gold_steps") > 0))["student_ms"])
@@ -367,7 +385,8 @@ def report_section(store: ArtifactStore, ref: ArtifactRef) -> ReportSection:
     lines += [
         "",
         f"Student on the teacher's subset: {_short(subset)}. Gold answer among the student's top {s['student_in_beam']['k']} answers: "
-        f"{_short(s['student_in_beam'])}. A valid chain found: {_short(s['student_valid_chain'])}.",
+        f"{_short(s['student_in_beam'])}; among the answers of every chain the search finished: {_short(s['student_in_pool'])} "
+        f"(the gap to the accuracy is what ranking the chains loses). A valid chain found: {_short(s['student_valid_chain'])}.",
         "",
         "| latency (ms) | n | p50 | p95 |",
         "|---|---|---|---|",

@@ -4,14 +4,17 @@ Reads:  artifact `training_sets` (tables `c2` for the problem texts, `c3_slots`,
         `c3_operands`), the `c3`, `c4` and `eval` (beam_width) config sections.
 Writes: artifact `c3_features` (tables `problems`: problem_id, pooled embedding; `candidates`:
         every TEXT/IMPLICIT candidate with its span and frozen-backbone feature), and artifact
-        `c3_model` with `c3_pointer.safetensors`, `c3_config.json` (vocabulary included),
-        `training_curve.png`, `summary.json` and table `history`.
+        `c3_model` with `c3_pointer.safetensors`, `c3_config.json` (vocabulary included, and
+        log P(k written numbers left unused) over the training chains), the step planner
+        (`planner.safetensors`, `planner_config.json`: next skeleton or STOP, see
+        mycelium/planner.py), `training_curve.png`, `summary.json` and table `history`.
 Time:   full GSM8K train on 2 CPU cores: reading ~6k problems with the backbone ~2 min,
         ~70k pointer decisions per epoch a few seconds each. The shipped sample: seconds.
 You should see: a line per epoch; then validation pointer accuracy (top-1 and within
 `eval.beam_width`) per provenance type, the share of slots whose every operand is right at
 top-1, each with a 95% Wilson interval, beside the accuracy of a uniform pick among the same
-candidates.
+candidates; then the planner's epochs and its validation top-1 beside always guessing the most
+common next step.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 import polars as pl
 from prefect import get_run_logger, task
 
-from mycelium import c3_model, provenance, stats
+from mycelium import c3_model, planner, provenance, stats
 from mycelium import encoder as encoder_module
 from mycelium.config import C2Config, C3Config, C4Config
 from mycelium.errors import MyceliumError
@@ -41,7 +44,7 @@ FEATURE_KEYS = ("backbone", "max_length", "context_tokens")
 
 
 def _code_version() -> str:
-    return source_code_version(sys.modules[__name__], c3_model, provenance, encoder_module)
+    return source_code_version(sys.modules[__name__], c3_model, planner, provenance, encoder_module)
 
 
 def features_ref(store: ArtifactStore, cfg: C3Config, c4_cfg: C4Config, training_sets: ArtifactRef) -> ArtifactRef:
@@ -49,8 +52,10 @@ def features_ref(store: ArtifactStore, cfg: C3Config, c4_cfg: C4Config, training
     return store.ref(FEATURES_STEP, artifact_digest(FEATURES_STEP, payload, [training_sets], source_code_version(c3_model, provenance, encoder_module)))
 
 
-def model_ref(store: ArtifactStore, cfg: C3Config, c4_cfg: C4Config, labels: list[str], beam_width: int, training_sets: ArtifactRef, features: ArtifactRef) -> ArtifactRef:
-    payload = {"c3": {k: v for k, v in cfg.digest_payload().items() if k != "feature_batch_size"}, "c4": c4_cfg.digest_payload(), "labels": labels, "beam_width": beam_width}
+def model_ref(store: ArtifactStore, cfg: C3Config, c4_cfg: C4Config, labels: list[str], beam_width: int, max_steps: int, training_sets: ArtifactRef,
+              features: ArtifactRef) -> ArtifactRef:
+    payload = {"c3": {k: v for k, v in cfg.digest_payload().items() if k != "feature_batch_size"}, "c4": c4_cfg.digest_payload(), "labels": labels,
+               "beam_width": beam_width, "max_steps": max_steps}
     return store.ref(MODEL_STEP, artifact_digest(MODEL_STEP, payload, [training_sets, features], _code_version()))
 
 
@@ -114,17 +119,61 @@ def build_examples(
     for (problem_id,), group in slots.group_by("problem_id", maintain_order=True):
         group = group.sort("step_index")
         step_indices = group["step_index"].to_list()
+        uses: Counter = Counter()  # what the gold chain's earlier steps took, as the search will see it
         for position, slot in enumerate(group.iter_rows(named=True)):
             gold = by_slot.get((problem_id, slot["step_index"]), [])
             made = c3_model.slot_examples(problems[problem_id], slot["label"], slot["skeleton"], slot["step_index"], position,
-                                          step_indices[:position], slot["prior_values"], gold, len(gold), c4_cfg.domain_constants, vocab)
+                                          step_indices[:position], slot["prior_values"], gold, len(gold), c4_cfg.domain_constants, vocab, uses)
+            uses.update(key for key in map(c3_model.gold_usage_key, gold) if key is not None)
             unmatched += len(gold) - len(made)
             examples += made
             keys += [(problem_id, slot["step_index"])] * len(made)
     return examples, keys, unmatched
 
 
-def build_model(ref: ArtifactRef, training_sets: ArtifactRef, features: ArtifactRef, cfg: C3Config, c4_cfg: C4Config, labels: list[str], beam_width: int, log=print) -> dict[str, Any]:
+def unused_mentions(slots: pl.DataFrame, operands: pl.DataFrame, problems: dict[str, c3_model.ProblemText]) -> list[int]:
+    """Per problem of `slots`, how many of its written numbers the gold chain never uses."""
+    wanted = set(slots["problem_id"].to_list())
+    used = {str(p): set(g["span_start"].to_list()) for (p,), g in operands.filter(pl.col("provenance") == provenance.TEXT).group_by("problem_id")}
+    return [len(c3_model.text_mentions(problems[p]) - used.get(p, set())) for p in sorted(wanted)]
+
+
+def gold_chains(slots: pl.DataFrame, operands: pl.DataFrame) -> dict[str, list[tuple[str, str, set[int]]]]:
+    """Per problem, its gold steps in order: (skeleton, label, the text spans the step uses)."""
+    text = operands.filter(pl.col("provenance") == provenance.TEXT)
+    spans = {(str(p), int(s)): set(g["span_start"].to_list()) for (p, s), g in text.group_by("problem_id", "step_index")}
+    chains = {}
+    for (problem_id,), group in slots.group_by("problem_id", maintain_order=True):
+        chains[str(problem_id)] = [(r["skeleton"], r["label"], spans.get((str(problem_id), r["step_index"]), set()))
+                                   for r in group.sort("step_index").iter_rows(named=True)]
+    return chains
+
+
+def train_step_planner(slots: pl.DataFrame, operands: pl.DataFrame, problems: dict[str, c3_model.ProblemText], vocab: c3_model.Vocabulary,
+                       labels: list[str], max_steps: int, cfg: C3Config, log=print) -> tuple[planner.PlannerResult, dict[str, Any]]:
+    """The step planner on the gold chains, with C3's head settings; validation top-1 beside
+    always guessing the most common next step of training."""
+    train_slots = slots.filter(pl.col("split") == "train")
+    plan_vocab = planner.build_vocabulary(vocab.skeletons, list(zip(train_slots["skeleton"], train_slots["label"], strict=True)), labels, max_steps)
+    pooled = {p: problems[p].pooled for p in problems}
+    mentions = {p: c3_model.text_mentions(problems[p]) for p in problems}
+    sets = {}
+    for split in ("train", "validation"):
+        sets[split] = planner.gold_states(gold_chains(slots.filter(pl.col("split") == split), operands), pooled, mentions, plan_vocab)
+    result = planner.train_planner(sets["train"], sets["validation"], plan_vocab, cfg.hidden_size, cfg.dropout, cfg.head_learning_rate,
+                                   cfg.weight_decay, cfg.batch_size, cfg.max_epochs, cfg.early_stopping_patience, cfg.min_improvement, cfg.seed, log=log)
+    scores = planner.evaluate_planner(result.model, *sets["validation"], plan_vocab.stop)
+    most_common = int(np.bincount(sets["train"][1]).argmax())
+    n = scores["n"]
+    summary = {"top1": stats.rate_with_interval(scores["top1"], n), "stop_right": stats.rate_with_interval(scores["stop_right"], n),
+               "most_common_top1": stats.rate_with_interval(int((sets["validation"][1] == most_common).sum()), n),
+               "most_common": "STOP" if most_common == plan_vocab.stop else "OTHER" if most_common == plan_vocab.other else plan_vocab.skeletons[most_common],
+               "n_train_states": len(sets["train"][1]), "best_epoch": result.best_epoch, "vocabulary": plan_vocab}
+    return result, summary
+
+
+def build_model(ref: ArtifactRef, training_sets: ArtifactRef, features: ArtifactRef, cfg: C3Config, c4_cfg: C4Config, labels: list[str], beam_width: int,
+                max_steps: int, log=print) -> dict[str, Any]:
     store = ArtifactStore.for_ref(ref)
     slots = store.read(training_sets, "c3_slots")
     operands = store.read(training_sets, "c3_operands")
@@ -137,11 +186,17 @@ def build_model(ref: ArtifactRef, training_sets: ArtifactRef, features: Artifact
     if not train or not validation:
         raise MyceliumError(f"stage 05: {len(train)} training and {len(validation)} validation pointer examples; both are needed (use more problems)")
     result = c3_model.train_c3(train, validation, cfg, beam_width, log=log)
+    coverage = c3_model.unused_mentions_log_prior(unused_mentions(train_slots, operands, problems))
     summary = _summary(result, validation, keys, beam_width, cfg)
+    summary["unused_mentions_log_prior"] = coverage
+    planned, planner_summary = train_step_planner(slots, operands, problems, vocab, labels, max_steps, cfg, log)
+    summary["planner"] = planner_summary
     summary.update({"n_train_examples": len(train), "unmatched_gold": unmatched_train + unmatched_validation,
                     "n_train_slots": train_slots.height, "n_validation_slots": slots.height - train_slots.height})
     dims = {"query": len(train[0].query), "text": train[0].text_features.shape[1], "numeric": train[0].numeric.shape[1]}
-    for name, data in c3_model.save_c3(result, vocab, dims, cfg).items():
+    plan_vocab = planner_summary.pop("vocabulary")
+    files = {**c3_model.save_c3(result, vocab, dims, cfg, coverage), **planner.save_planner(planned, plan_vocab, cfg.hidden_size, cfg.dropout)}
+    for name, data in files.items():
         store.write_file(ref, name, data)
     with tempfile.TemporaryDirectory() as folder:
         curves = {"top1_rate": "top-1", "in_beam_rate": f"within top {beam_width}", "chance_top1_rate": "uniform pick, top-1"}
@@ -190,9 +245,10 @@ def features_task(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C3Config, c
 
 
 @task(name="c3-train")
-def train_task(ref: ArtifactRef, training_sets: ArtifactRef, features: ArtifactRef, cfg: C3Config, c4_cfg: C4Config, c2_cfg: C2Config, beam_width: int) -> ArtifactRef:
+def train_task(ref: ArtifactRef, training_sets: ArtifactRef, features: ArtifactRef, cfg: C3Config, c4_cfg: C4Config, c2_cfg: C2Config, beam_width: int,
+               max_steps: int) -> ArtifactRef:
     logger = get_run_logger()
-    summary = build_model(ref, training_sets, features, cfg, c4_cfg, list(c2_cfg.labels), beam_width, log=logger.info)
+    summary = build_model(ref, training_sets, features, cfg, c4_cfg, list(c2_cfg.labels), beam_width, max_steps, log=logger.info)
     logger.info("c3: top-1 %.3f (chance %.3f), in beam %.3f", summary["top1"]["rate"], summary["chance_top1"], summary["in_beam"]["rate"])
     return ref
 
@@ -217,9 +273,15 @@ def report_section(store: ArtifactStore, ref: ArtifactRef) -> ReportSection:
         "|---|---|---|",
         *[f"| {kind} | {format_rate(v['top1'])} | {v['chance_top1']:.3f} |" for kind, v in s["by_provenance"].items()],
     ]
+    if "planner" in s:
+        p = s["planner"]
+        lines += ["", (f"Step planner (next skeleton or STOP; {p['n_train_states']} training chain states, best epoch {p['best_epoch']}): "
+                       f"validation top-1 {format_rate(p['top1'])} against {format_rate(p['most_common_top1'])} for always `{p['most_common']}`; "
+                       f"stop-or-continue right {format_rate(p['stop_right'])}.")]
     figures = {"c3_training_curve.png": store.read_file(ref, "training_curve.png")} if "training_curve.png" in manifest.files else {}
     if figures:
         lines += ["", "![C3 training](c3_training_curve.png)"]
     flat = {"c3_top1": s["top1"], "c3_in_beam": s["in_beam"], "c3_chance_top1": s["chance_top1"], "c3_slots_exact": s["slots_exact"],
-            "c3_best_epoch": s["best_epoch"], "c3_unmatched_gold": s["unmatched_gold"], "c3_by_provenance": s["by_provenance"]}
+            "c3_best_epoch": s["best_epoch"], "c3_unmatched_gold": s["unmatched_gold"], "c3_by_provenance": s["by_provenance"],
+            "planner_top1": s.get("planner", {}).get("top1"), "planner_most_common_top1": s.get("planner", {}).get("most_common_top1")}
     return ReportSection(flat, "\n".join(lines) + "\n", figures)

@@ -478,3 +478,58 @@ def test_problem_without_numbers_still_gets_prior_constant_end_and_decodes(probl
         Candidate(PRIOR, 5.0, prior_step=1), Candidate(CONSTANT, 60.0, constant="minutes_per_hour"), Candidate(END)]
     scores = evaluate(result.model, labelled, 8, beam_width)
     assert scores["n"] == 3 and math.isfinite(scores["loss"])
+
+
+# --- 7. what the chain already used, and many slots at once --------------------------------------------
+
+USED_COLUMN = len(c3_model.KINDS) + c3_model.N_NUMERIC - 2  # "used before" among the numeric features
+
+
+def test_examples_know_what_the_gold_chain_used_before(sets, examples):
+    """The 'used before' feature of each candidate is on exactly when an earlier gold step of
+    the same problem took it (either reading of a mention counts as that mention)."""
+    operands = sets["c3_operands"].filter(pl.col("provenance") != END)
+    taken_at: dict[tuple[str, int], set] = {}
+    for (problem_id,), group in operands.group_by("problem_id"):
+        for step_index in group["step_index"].unique().to_list():
+            earlier = group.filter(pl.col("step_index") < step_index).to_dicts()
+            taken_at[(problem_id, step_index)] = {c3_model.gold_usage_key(row) for row in earlier}
+    n_used = 0
+    for made, keys, _ in examples:
+        for example, key in zip(made, keys, strict=True):
+            taken = taken_at.get(key, set())
+            for candidate, flag in zip(example.candidates, example.numeric[:, USED_COLUMN], strict=True):
+                expected = candidate.kind != END and c3_model.candidate_usage_key(candidate) in taken
+                assert bool(flag) == expected, (key, candidate)
+                n_used += int(flag)
+    assert n_used > 50
+
+
+def test_decode_slots_gives_each_slot_what_decode_gives_it_alone(sets, problems, trained, config, vocab, beam_width):
+    result, _, _ = trained
+    validation = sets["c3_slots"].filter(pl.col("split") == VALIDATION)
+    other = ("MUL", "{0}*{1}", 2)
+    n_checked = 0
+    for problem_id, position, slot, step_indices in slots_in_order(validation):
+        problem = problems[problem_id]
+        candidates, text, numeric = c3_model.candidate_table(problem, slot["step_index"], step_indices[:position], slot["prior_values"],
+                                                             config.c4.domain_constants, vocab)
+        batched = c3_model.decode_slots(result.model, problem, candidates, text, numeric, [(slot["label"], slot["skeleton"], slot["n_operands"]), other],
+                                        position, position, vocab, beam_width)
+        alone = [decode(result.model, inference_examples(problem, slot, position, step_indices, config, vocab), beam_width),
+                 decode(result.model, slot_examples(problem, other[0], other[1], slot["step_index"], position, step_indices[:position],
+                                                    slot["prior_values"], None, 2, config.c4.domain_constants, vocab), beam_width)]
+        for got, want in zip(batched, alone, strict=True):
+            assert [chosen for chosen, _ in got] == [chosen for chosen, _ in want]
+            assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-4)
+        n_checked += 1
+    assert n_checked > 20
+
+
+def test_unused_mentions_prior_is_a_distribution_shaped_like_its_data():
+    counts = [0] * 60 + [1] * 25 + [2] * 10 + [4] * 5
+    log_prior = c3_model.unused_mentions_log_prior(counts)
+    assert len(log_prior) == 6  # k = 0..4, and one entry for anything beyond 4
+    assert sum(math.exp(v) for v in log_prior) == pytest.approx(1.0)
+    assert log_prior[0] > log_prior[1] > log_prior[2] > log_prior[3] and log_prior[3] == log_prior[5]  # unseen 3 and >4 share the floor
+    assert c3_model.unused_mentions_log_prior([]) == pytest.approx([math.log(0.5), math.log(0.5)])

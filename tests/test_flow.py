@@ -258,6 +258,7 @@ def test_stages_05_06_train_c3_and_evaluate_then_eval_another_dataset(local_root
     assert summary["eval_oracle_accuracy"]["correct"] == summary["eval_oracle_accuracy"]["n"] == n
     report = store.fs.cat_file(report_path).decode()
     assert "## Stage 05" in report and "## Stage 06" in report and "McNemar" in report
+    assert summary["planner_top1"]["n"] >= 2 and "Step planner" in report  # a state per gold step, and STOP
 
     # `mycelium eval --dataset` on a JSONL with its own field names: a text that must never
     # run, a gold solution whose arithmetic would never finish, and an ordinary problem.

@@ -121,7 +121,7 @@ def test_summary_counts_and_intervals():
     cfg = load_config(None)
     rows = []
     for i in range(10):
-        rows.append({"problem_id": str(i), "n_gold_steps": 1 + i % 4, "student_correct": i < 6, "student_in_beam": i < 8,
+        rows.append({"problem_id": str(i), "n_gold_steps": 1 + i % 4, "student_correct": i < 6, "student_in_beam": i < 8, "student_in_pool": i < 9,
                      "student_chains": 0 if i == 9 else 3, "student_ms": float(i), "nearest_correct": i < 2,
                      "oracle_correct": True, "teacher_correct": (i < 1) if i < 5 else None, "teacher_ms": 1000.0 if i < 5 else None,
                      "source": "gsm8k"})
@@ -131,5 +131,27 @@ def test_summary_counts_and_intervals():
     assert summary["student_accuracy"]["low"] < 0.6 < summary["student_accuracy"]["high"]
     assert summary["teacher_accuracy"]["n"] == 5 and summary["student_accuracy_on_teacher_subset"]["n"] == 5
     assert summary["student_valid_chain"]["correct"] == 9
+    assert summary["student_in_beam"]["correct"] == 8 and summary["student_in_pool"]["correct"] == 9
     assert summary["latency_student_easy"]["n"] + summary["latency_student_hard"]["n"] == 10
     assert summary["mcnemar_student_vs_nearest"]["only_student"] == 4
+
+
+def test_coverage_prior_charges_for_each_written_number_left_unused():
+    cfg = load_config(None)
+    problem = c3_model.ProblemText("Tom has 3 apples, buys 4 more and gives away 1 of every 2.", np.zeros(4, np.float32), [], np.zeros((0, 8), np.float32))
+    problem.candidates = c3_model.text_candidates(problem.text, cfg.c4.word_to_number)
+    mentions = sorted(c3_model.text_mentions(problem))
+    assert len(mentions) == 4
+    three, four = (c for c in problem.candidates if c.kind == c3_model.TEXT and c.value in (3.0, 4.0))
+    student = solver.Student(None, [], None, None, {}, unused_log_prior=[-0.1, -1.0, -2.0, -5.0])
+    settings = evaluate.search_settings(cfg)
+    two_steps = solver.Chain([solver.Step("ADD", "{0}+{1}", [three, four], 7.0)])
+    assert solver.coverage_logp(student, problem, two_steps, settings) == -2.0  # "1" and "2" unused
+    everything = [c for c in problem.candidates if c.kind == c3_model.TEXT and c.value in (1.0, 2.0)]
+    full = solver.Chain([*two_steps.steps, solver.Step("DIV", "{0}/{1}", everything, 0.5)])
+    assert solver.coverage_logp(student, problem, full, settings) == -0.1
+    nothing = solver.Chain([solver.Step("ADD", "{0}+{1}", [_candidate("CONSTANT", 60.0, constant="minutes_per_hour")] * 2, 120.0)])
+    assert solver.coverage_logp(student, problem, nothing, settings) == -5.0  # beyond the table: its last entry
+    settings.coverage_prior = False
+    assert solver.coverage_logp(student, problem, nothing, settings) == 0.0
+    assert solver.chain_uses(full)[c3_model.candidate_usage_key(three)] == 1
