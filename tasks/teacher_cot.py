@@ -53,11 +53,13 @@ def select_problems(store: ArtifactStore, eval_problems: ArtifactRef, training_s
 
 def teacher_ref(store: ArtifactStore, cfg: MyceliumConfig, eval_problems: ArtifactRef, training_sets: ArtifactRef) -> ArtifactRef:
     """The teacher's chain of thought is its own artifact: ~17 min for 100 problems on a CPU,
-    so a change to the student's search must not redo it."""
+    so a change to the student's search must not redo it, and neither must retraining when the
+    problems come from `eval.dataset` (only the held-out split depends on the training sets)."""
     payload = {"teacher": {k: v for k, v in cfg.teacher.digest_payload().items() if k not in ("device", "torch_threads")},
                "eval": {k: cfg.eval.digest_payload()[k] for k in TEACHER_KEYS}}
     code = source_code_version(sys.modules[__name__], answers, teacher_module)
-    return store.ref(TEACHER_STEP, artifact_digest(TEACHER_STEP, payload, [eval_problems, training_sets], code))
+    upstream = [eval_problems, training_sets] if cfg.eval.dataset is None else [eval_problems]
+    return store.ref(TEACHER_STEP, artifact_digest(TEACHER_STEP, payload, upstream, code))
 
 
 def teacher_subset(problem_ids: list[str], cfg: MyceliumConfig) -> list[str]:

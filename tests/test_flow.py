@@ -290,3 +290,18 @@ def test_a_search_setting_reuses_the_cached_teacher_chain_of_thought(local_root)
     _, changed, _ = run_flow([*STUDENT, "eval.voting=majority"], stages="00-06")
     assert changed["steps_computed"] == ["evaluation"]
     assert "teacher_cot" in changed["steps_cached"]
+
+
+def test_retraining_does_not_redo_the_teacher_on_an_external_dataset(tmp_path):
+    """The teacher's answers on `eval.dataset` do not depend on the training sets; on the
+    held-out split (eval.dataset unset) they do, since the split decides the problems."""
+    from mycelium.config import load_config
+    from tasks.teacher_cot import teacher_ref
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    problems = store.ref("problems", "p" * 20)
+    trained_once, trained_again = store.ref("training_sets", "a" * 20), store.ref("training_sets", "b" * 20)
+    external = load_config(None, ["eval.dataset=../shared/data/gsm8k/test.jsonl"])
+    assert teacher_ref(store, external, problems, trained_once) == teacher_ref(store, external, problems, trained_again)
+    held_out = load_config(None)
+    assert teacher_ref(store, held_out, problems, trained_once) != teacher_ref(store, held_out, problems, trained_again)
