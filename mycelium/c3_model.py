@@ -382,27 +382,37 @@ def decode_slots(model: PointerScorer, problem: ProblemText, candidates: Sequenc
     text[: len(text_features)] = text_features
     with torch.inference_mode():
         log_probs = model.score_queries(torch.from_numpy(np.stack(queries)), torch.from_numpy(text), torch.from_numpy(numeric)).numpy()
+    masked, options = _ranked(log_probs, candidates, beam_width)  # once for every row of every slot
     result, row = [], 0
     for _, _, arity in slots:
-        result.append(_tuple_beam(log_probs[row : row + arity], candidates, beam_width))
+        result.append(_best_tuples(masked[row : row + arity], options[row : row + arity], candidates, beam_width))
         row += arity
     return result
 
 
+def _ranked(log_probs: np.ndarray, candidates: Sequence[Candidate], beam_width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with END and padding at -inf, and each row's `beam_width` best candidates."""
+    allowed = np.array([c.kind != END for c in candidates])
+    rows = log_probs[:, : len(candidates)]
+    masked = np.where(allowed[None, :] & np.isfinite(rows), rows, -np.inf)
+    return masked, np.argsort(-masked, axis=1, kind="stable")[:, :beam_width]
+
+
 def _tuple_beam(log_probs: np.ndarray, candidates: Sequence[Candidate], beam_width: int) -> list[tuple[list[Candidate], float]]:
     """The best `beam_width` operand tuples, one row of log-probabilities per operand position."""
-    allowed = np.array([c.kind != END for c in candidates])
+    return _best_tuples(*_ranked(log_probs, candidates, beam_width), candidates, beam_width)
+
+
+def _best_tuples(masked: np.ndarray, options: np.ndarray, candidates: Sequence[Candidate], beam_width: int) -> list[tuple[list[Candidate], float]]:
     chosen = np.zeros((1, 0), np.int64)
     scores = np.zeros(1)
-    for row in log_probs:
-        row = np.where(allowed & np.isfinite(row[: len(candidates)]), row[: len(candidates)], -np.inf)
-        options = np.argsort(-row, kind="stable")[:beam_width]
-        options = options[np.isfinite(row[options])]
+    for row, best_options in zip(masked, options, strict=True):
+        best_options = best_options[np.isfinite(row[best_options])]
         # Positions are scored independently, so this beam is exactly the best tuples. A
         # candidate may fill two operands: gold does that (`150+150` from one earlier result).
-        totals = (scores[:, None] + row[options][None, :]).ravel()
+        totals = (scores[:, None] + row[best_options][None, :]).ravel()
         best = np.argsort(-totals, kind="stable")[:beam_width]
-        chosen = np.concatenate([chosen[best // len(options)], options[best % len(options)][:, None]], axis=1)
+        chosen = np.concatenate([chosen[best // len(best_options)], best_options[best % len(best_options)][:, None]], axis=1)
         scores = totals[best]
     return [([candidates[i] for i in row], float(score)) for row, score in zip(chosen, scores, strict=True)]
 

@@ -166,10 +166,10 @@ def evaluate_planner(model: StepPlanner, states: np.ndarray, targets: np.ndarray
     return _scores(model, states, targets, stop)
 
 
-def next_steps(model: StepPlanner, state: np.ndarray) -> np.ndarray:
-    """Log-probabilities of every skeleton, OTHER and STOP after this state."""
+def next_steps(model: StepPlanner, states: np.ndarray) -> np.ndarray:
+    """Log-probabilities of every skeleton, OTHER and STOP after each state (one row each)."""
     with torch.inference_mode():
-        return model(torch.from_numpy(state[None, :]))[0].numpy()
+        return model(torch.from_numpy(np.atleast_2d(states))).numpy()
 
 
 def save_planner(result: PlannerResult, vocab: PlannerVocabulary, hidden: int, dropout: float) -> dict[str, bytes]:

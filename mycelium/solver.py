@@ -363,11 +363,12 @@ def planned_search(student: Student, problem: c3_model.ProblemText, probabilitie
     vocab, written = student.planner_vocab, c3_model.text_mentions(problem)
     beam, finished = [Chain()], []
     for depth in range(settings.max_steps + 1):
-        expanded = []
+        states = []
         for chain in beam:
             used = {o.span_start for step in chain.steps for o in step.operands if o.kind == c3_model.TEXT}
-            state = state_vector(problem.pooled, [s.skeleton for s in chain.steps], [s.label for s in chain.steps], len(written - used), len(written), vocab)
-            log_p = next_steps(student.planner, state)
+            states.append(state_vector(problem.pooled, [s.skeleton for s in chain.steps], [s.label for s in chain.steps], len(written - used), len(written), vocab))
+        expanded = []
+        for chain, log_p in zip(beam, next_steps(student.planner, np.stack(states)), strict=True):  # the planner reads the whole beam at once
             if chain.steps and every_result_used(chain):
                 c2_term = label_set_loglik({s.label for s in chain.steps}, probabilities, student) if settings.planner_uses_c2 else 0.0
                 finished.append(Chain(chain.steps, chain.score + float(log_p[vocab.stop]) + c2_term + coverage_logp(student, problem, chain, settings)))

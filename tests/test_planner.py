@@ -85,6 +85,7 @@ def test_saved_planner_loads_and_scores_the_same():
                                    max_epochs=2, patience=3, min_improvement=1e-4, seed=0, log=lambda _: None)
     model, loaded = planner.load_planner(planner.save_planner(result, vocab, 16, 0.1))
     assert loaded == vocab and not model.training
-    for state in validation[0][:5]:
-        np.testing.assert_allclose(planner.next_steps(model, state), planner.next_steps(result.model, state), atol=1e-6)
-        assert np.exp(planner.next_steps(model, state)).sum() == pytest.approx(1.0, abs=1e-5)
+    states = validation[0][:5]
+    np.testing.assert_allclose(planner.next_steps(model, states), planner.next_steps(result.model, states), atol=1e-6)
+    np.testing.assert_allclose(np.exp(planner.next_steps(model, states)).sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(planner.next_steps(model, states[2]), planner.next_steps(model, states)[2:3], atol=1e-6)  # one state, one row
