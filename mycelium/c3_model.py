@@ -19,9 +19,9 @@ Each candidate has a feature vector: for TEXT/IMPLICIT, the frozen backbone's to
 averaged over the span and over a few tokens of context either side; for every candidate, its
 kind, its value's magnitude and integrality, where it sits in the text, how far back a PRIOR
 step is, which word or constant it is, and how often the chain's earlier steps already took it
-(in training: the gold chain's earlier steps; in the search: the partial chain's). The slot is the query: the problem's pooled
-embedding, the slot's C2 label, its skeleton (the most common `max_skeletons` of training;
-the rest share one id) and the operand's position. A small MLP scores every (query,
+(in training: the gold chain's earlier steps; in the search: the partial chain's). The slot
+is the query: the problem's pooled embedding, the slot's C2 label, its skeleton (the most
+common `max_skeletons` of training; the rest share one id) and the operand's position. A small MLP scores every (query,
 candidate) pair; a softmax over the slot's candidates is trained with cross-entropy on the
 gold candidate. Decoding returns the top `beam_width` operand tuples with their log-scores;
 `decode_slots` scores many slots against one candidate table in a single pass (the search).
@@ -250,7 +250,6 @@ def slot_examples(problem: ProblemText, label: str, skeleton: str, step_index: i
                   uses: Mapping[tuple, int] | None = None) -> list[PointerExample]:
     """One example per operand position of a slot (plus END when gold is given). `uses` counts,
     per `usage_key`, how often the chain's earlier steps took each thing."""
-    uses = uses or {}
     candidates, text_features, numeric = candidate_table(problem, step_index, prior_steps, prior_values, domain_constants, vocab, uses)
     examples = []
     positions = range(len(gold_operands)) if gold_operands is not None else range(n_operands)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mycelium.config import C3Config
+
 
 @dataclass
 class PlannerVocabulary:
@@ -113,7 +115,8 @@ class PlannerResult:
     best_epoch: int = 0
 
 
-def _scores(model: StepPlanner, states: np.ndarray, targets: np.ndarray, stop: int) -> dict[str, float]:
+def evaluate_planner(model: StepPlanner, states: np.ndarray, targets: np.ndarray, stop: int) -> dict[str, float]:
+    """Validation loss, top-1 and how often stop-or-continue is right."""
     model.eval()
     with torch.inference_mode():
         log_probs = model(torch.from_numpy(states))
@@ -125,45 +128,41 @@ def _scores(model: StepPlanner, states: np.ndarray, targets: np.ndarray, stop: i
 
 
 def train_planner(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray], vocab: PlannerVocabulary,
-                  hidden: int, dropout: float, learning_rate: float, weight_decay: float, batch_size: int, max_epochs: int,
-                  patience: int, min_improvement: float, seed: int, log=print) -> PlannerResult:
-    """Cross-entropy on the gold next step, early stopping on the validation loss (best kept)."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+                  cfg: C3Config, log=print) -> PlannerResult:
+    """Cross-entropy on the gold next step, early stopping on the validation loss (best kept);
+    the head settings (hidden size, dropout, learning rate, epochs, patience) are C3's."""
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
     states, targets = torch.from_numpy(train[0]), torch.from_numpy(train[1])
-    model = StepPlanner(states.shape[1], hidden, vocab.stop + 1, dropout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    model = StepPlanner(states.shape[1], cfg.hidden_size, vocab.stop + 1, cfg.dropout)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.head_learning_rate, weight_decay=cfg.weight_decay)
     result, best, best_state, stale = PlannerResult(model), math.inf, None, 0
-    for epoch in range(1, max_epochs + 1):
+    for epoch in range(1, cfg.max_epochs + 1):
         model.train()
         order = torch.randperm(len(targets), generator=generator)
         total = 0.0
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
+        for start in range(0, len(order), cfg.batch_size):
+            index = order[start : start + cfg.batch_size]
             loss = -model(states[index]).gather(1, targets[index][:, None]).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(index)
-        scores = _scores(model, validation[0], validation[1], vocab.stop)
+        scores = evaluate_planner(model, validation[0], validation[1], vocab.stop)
         record = {"epoch": epoch, "train_loss": total / max(len(targets), 1), "validation_loss": scores["loss"], "top1_rate": scores["top1_rate"]}
         result.history.append(record)
         log(f"planner epoch {epoch}: train loss {record['train_loss']:.4f}, validation loss {scores['loss']:.4f}, top-1 {scores['top1_rate']:.3f}")
-        if scores["loss"] < best - min_improvement:
+        if scores["loss"] < best - cfg.min_improvement:
             best, stale, result.best_epoch = scores["loss"], 0, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
-            if stale >= patience:
+            if stale >= cfg.early_stopping_patience:
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     return result
-
-
-def evaluate_planner(model: StepPlanner, states: np.ndarray, targets: np.ndarray, stop: int) -> dict[str, float]:
-    return _scores(model, states, targets, stop)
 
 
 def next_steps(model: StepPlanner, states: np.ndarray) -> np.ndarray:

@@ -276,13 +276,16 @@ def chain_uses(chain: Chain) -> Counter:
     return Counter(c3_model.candidate_usage_key(o) for step in chain.steps for o in step.operands)
 
 
-def coverage_logp(student: Student, problem: c3_model.ProblemText, chain: Chain, settings: SearchSettings) -> float:
+def unused_mentions(written: set[int], chain: Chain) -> int:
+    """How many of the problem's written numbers (`c3_model.text_mentions`) the chain never takes."""
+    return len(written - {o.span_start for step in chain.steps for o in step.operands if o.kind == c3_model.TEXT})
+
+
+def coverage_logp(student: Student, unused: int, settings: SearchSettings) -> float:
     """log P(this many written numbers left unused) under the training chains' distribution."""
     prior = student.unused_log_prior
     if not settings.coverage_prior or not prior:
         return 0.0
-    used = {o.span_start for step in chain.steps for o in step.operands if o.kind == c3_model.TEXT}
-    unused = len(c3_model.text_mentions(problem) - used)
     return prior[min(unused, len(prior) - 1)]
 
 
@@ -323,6 +326,7 @@ def search(student: Student, problem: c3_model.ProblemText, labels: Sequence[str
     scored by C2's probabilities instead (used labels log p, unused log(1-p))."""
     index = {label: i for i, label in enumerate(student.c2_labels)}
     cover = plan is not None or settings.require_all_labels
+    written = c3_model.text_mentions(problem)
     log_p = {label: math.log(max(float(probabilities[index[label]]), 1e-6)) if label in index else 0.0 for label in labels}
     beam, finished = [Chain()], []
     for depth in range(settings.max_steps if plan is None else len(plan)):
@@ -343,12 +347,12 @@ def search(student: Student, problem: c3_model.ProblemText, labels: Sequence[str
                 if not done:
                     beam.append(chain)
                 elif every_result_used(chain):
-                    finished.append(Chain(chain.steps, chain.score + coverage_logp(student, problem, chain, settings)))
+                    finished.append(Chain(chain.steps, chain.score + coverage_logp(student, unused_mentions(written, chain), settings)))
             else:
                 beam.append(chain)
                 if every_result_used(chain):
                     finished.append(Chain(chain.steps, chain.score + label_set_loglik(used, probabilities, student)
-                                          + coverage_logp(student, problem, chain, settings)))
+                                          + coverage_logp(student, unused_mentions(written, chain), settings)))
         beam = beam[: settings.beam_width]
         if len(finished) >= settings.max_paths or not beam:
             break
@@ -363,15 +367,14 @@ def planned_search(student: Student, problem: c3_model.ProblemText, probabilitie
     vocab, written = student.planner_vocab, c3_model.text_mentions(problem)
     beam, finished = [Chain()], []
     for depth in range(settings.max_steps + 1):
-        states = []
-        for chain in beam:
-            used = {o.span_start for step in chain.steps for o in step.operands if o.kind == c3_model.TEXT}
-            states.append(state_vector(problem.pooled, [s.skeleton for s in chain.steps], [s.label for s in chain.steps], len(written - used), len(written), vocab))
+        unused = [unused_mentions(written, chain) for chain in beam]
+        states = np.stack([state_vector(problem.pooled, [s.skeleton for s in chain.steps], [s.label for s in chain.steps], n_unused, len(written), vocab)
+                           for chain, n_unused in zip(beam, unused, strict=True)])
         expanded = []
-        for chain, log_p in zip(beam, next_steps(student.planner, np.stack(states)), strict=True):  # the planner reads the whole beam at once
+        for chain, n_unused, log_p in zip(beam, unused, next_steps(student.planner, states), strict=True):  # the planner reads the whole beam at once
             if chain.steps and every_result_used(chain):
                 c2_term = label_set_loglik({s.label for s in chain.steps}, probabilities, student) if settings.planner_uses_c2 else 0.0
-                finished.append(Chain(chain.steps, chain.score + float(log_p[vocab.stop]) + c2_term + coverage_logp(student, problem, chain, settings)))
+                finished.append(Chain(chain.steps, chain.score + float(log_p[vocab.stop]) + c2_term + coverage_logp(student, n_unused, settings)))
             if depth == settings.max_steps:
                 continue
             proposed = [i for i in np.argsort(-log_p[: vocab.other]) if vocab.skeletons[i] in vocab.label_of][: settings.planner_top_k]

@@ -113,7 +113,7 @@ def load_student(store: ArtifactStore, inputs: dict[str, ArtifactRef], cfg: Myce
     by_label: dict[str, list[str]] = {}
     for label, skeleton, _ in counts.iter_rows():
         by_label.setdefault(label, []).append(skeleton)
-    files = store.verify(inputs["c3_model"]).files
+    files = store.manifest(inputs["c3_model"]).files
     plan_model, plan_vocab = (planner.load_planner({name: store.read_file(inputs["c3_model"], name) for name in ("planner.safetensors", "planner_config.json")})
                               if "planner.safetensors" in files else (None, None))
     return solver.Student(heads, list(c2_config["labels"]), pointer, vocab, by_label, list(c3_config.get("unused_mentions_log_prior", [])),

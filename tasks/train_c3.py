@@ -131,11 +131,9 @@ def build_examples(
     return examples, keys, unmatched
 
 
-def unused_mentions(slots: pl.DataFrame, operands: pl.DataFrame, problems: dict[str, c3_model.ProblemText]) -> list[int]:
-    """Per problem of `slots`, how many of its written numbers the gold chain never uses."""
-    wanted = set(slots["problem_id"].to_list())
-    used = {str(p): set(g["span_start"].to_list()) for (p,), g in operands.filter(pl.col("provenance") == provenance.TEXT).group_by("problem_id")}
-    return [len(c3_model.text_mentions(problems[p]) - used.get(p, set())) for p in sorted(wanted)]
+def unused_mentions(chains: dict[str, list[tuple[str, str, set[int]]]], problems: dict[str, c3_model.ProblemText]) -> list[int]:
+    """Per gold chain (see `gold_chains`), how many of its problem's written numbers it never uses."""
+    return [len(c3_model.text_mentions(problems[p]) - set().union(*(spans for _, _, spans in steps))) for p, steps in chains.items()]
 
 
 def gold_chains(slots: pl.DataFrame, operands: pl.DataFrame) -> dict[str, list[tuple[str, str, set[int]]]]:
@@ -149,27 +147,24 @@ def gold_chains(slots: pl.DataFrame, operands: pl.DataFrame) -> dict[str, list[t
     return chains
 
 
-def train_step_planner(slots: pl.DataFrame, operands: pl.DataFrame, problems: dict[str, c3_model.ProblemText], vocab: c3_model.Vocabulary,
-                       labels: list[str], max_steps: int, cfg: C3Config, log=print) -> tuple[planner.PlannerResult, dict[str, Any]]:
-    """The step planner on the gold chains, with C3's head settings; validation top-1 beside
-    always guessing the most common next step of training."""
-    train_slots = slots.filter(pl.col("split") == "train")
-    plan_vocab = planner.build_vocabulary(vocab.skeletons, list(zip(train_slots["skeleton"], train_slots["label"], strict=True)), labels, max_steps)
+def train_step_planner(chains: dict[str, dict[str, list]], problems: dict[str, c3_model.ProblemText], vocab: c3_model.Vocabulary,
+                       labels: list[str], max_steps: int, cfg: C3Config, log=print) -> tuple[planner.PlannerResult, planner.PlannerVocabulary, dict[str, Any]]:
+    """The step planner on the gold chains of each split, with C3's head settings; validation
+    top-1 beside always guessing the most common next step of training."""
+    labelled = [(skeleton, label) for steps in chains["train"].values() for skeleton, label, _ in steps]
+    plan_vocab = planner.build_vocabulary(vocab.skeletons, labelled, labels, max_steps)
     pooled = {p: problems[p].pooled for p in problems}
     mentions = {p: c3_model.text_mentions(problems[p]) for p in problems}
-    sets = {}
-    for split in ("train", "validation"):
-        sets[split] = planner.gold_states(gold_chains(slots.filter(pl.col("split") == split), operands), pooled, mentions, plan_vocab)
-    result = planner.train_planner(sets["train"], sets["validation"], plan_vocab, cfg.hidden_size, cfg.dropout, cfg.head_learning_rate,
-                                   cfg.weight_decay, cfg.batch_size, cfg.max_epochs, cfg.early_stopping_patience, cfg.min_improvement, cfg.seed, log=log)
+    sets = {split: planner.gold_states(chains[split], pooled, mentions, plan_vocab) for split in ("train", "validation")}
+    result = planner.train_planner(sets["train"], sets["validation"], plan_vocab, cfg, log=log)
     scores = planner.evaluate_planner(result.model, *sets["validation"], plan_vocab.stop)
     most_common = int(np.bincount(sets["train"][1]).argmax())
     n = scores["n"]
     summary = {"top1": stats.rate_with_interval(scores["top1"], n), "stop_right": stats.rate_with_interval(scores["stop_right"], n),
                "most_common_top1": stats.rate_with_interval(int((sets["validation"][1] == most_common).sum()), n),
                "most_common": "STOP" if most_common == plan_vocab.stop else "OTHER" if most_common == plan_vocab.other else plan_vocab.skeletons[most_common],
-               "n_train_states": len(sets["train"][1]), "best_epoch": result.best_epoch, "vocabulary": plan_vocab}
-    return result, summary
+               "n_train_states": len(sets["train"][1]), "best_epoch": result.best_epoch}
+    return result, plan_vocab, summary
 
 
 def build_model(ref: ArtifactRef, training_sets: ArtifactRef, features: ArtifactRef, cfg: C3Config, c4_cfg: C4Config, labels: list[str], beam_width: int,
@@ -186,15 +181,14 @@ def build_model(ref: ArtifactRef, training_sets: ArtifactRef, features: Artifact
     if not train or not validation:
         raise MyceliumError(f"stage 05: {len(train)} training and {len(validation)} validation pointer examples; both are needed (use more problems)")
     result = c3_model.train_c3(train, validation, cfg, beam_width, log=log)
-    coverage = c3_model.unused_mentions_log_prior(unused_mentions(train_slots, operands, problems))
+    chains = {split: gold_chains(slots.filter(pl.col("split") == split), operands) for split in ("train", "validation")}
+    coverage = c3_model.unused_mentions_log_prior(unused_mentions(chains["train"], problems))
     summary = _summary(result, validation, keys, beam_width, cfg)
     summary["unused_mentions_log_prior"] = coverage
-    planned, planner_summary = train_step_planner(slots, operands, problems, vocab, labels, max_steps, cfg, log)
-    summary["planner"] = planner_summary
+    planned, plan_vocab, summary["planner"] = train_step_planner(chains, problems, vocab, labels, max_steps, cfg, log)
     summary.update({"n_train_examples": len(train), "unmatched_gold": unmatched_train + unmatched_validation,
                     "n_train_slots": train_slots.height, "n_validation_slots": slots.height - train_slots.height})
     dims = {"query": len(train[0].query), "text": train[0].text_features.shape[1], "numeric": train[0].numeric.shape[1]}
-    plan_vocab = planner_summary.pop("vocabulary")
     files = {**c3_model.save_c3(result, vocab, dims, cfg, coverage), **planner.save_planner(planned, plan_vocab, cfg.hidden_size, cfg.dropout)}
     for name, data in files.items():
         store.write_file(ref, name, data)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mycelium import planner
+from mycelium.config import load_config
 
 LABELS = ["ADD", "SUB", "MUL", "DIV"]
 SKELETONS = ["{0}+{1}", "{0}*{1}", "{0}/{1}", "{0}-{1}"]
@@ -20,6 +21,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def head_settings(**changes):
+    """The planner trains with C3's head settings; these tests pick small ones."""
+    return load_config(None).c3.model_copy(update=changes)
 
 
 def vocabulary(max_steps: int = 4) -> planner.PlannerVocabulary:
@@ -66,8 +72,9 @@ def planted(n: int, seed: int, vocab: planner.PlannerVocabulary):
 def test_the_planner_learns_the_next_step_and_when_to_stop_and_beats_the_most_common_guess():
     vocab = vocabulary()
     train, validation = planted(200, 0, vocab), planted(60, 1, vocab)
-    result = planner.train_planner(train, validation, vocab, hidden=32, dropout=0.0, learning_rate=1e-2, weight_decay=0.0, batch_size=16,
-                                   max_epochs=30, patience=3, min_improvement=1e-4, seed=0, log=lambda _: None)
+    cfg = head_settings(hidden_size=32, dropout=0.0, head_learning_rate=1e-2, weight_decay=0.0, batch_size=16, max_epochs=30,
+                        early_stopping_patience=3, min_improvement=1e-4, seed=0)
+    result = planner.train_planner(train, validation, vocab, cfg, log=lambda _: None)
     scores = planner.evaluate_planner(result.model, *validation, vocab.stop)
     most_common = np.bincount(train[1]).argmax()
     assert most_common == vocab.stop  # every chain ends once: STOP is the majority class
@@ -81,8 +88,9 @@ def test_the_planner_learns_the_next_step_and_when_to_stop_and_beats_the_most_co
 def test_saved_planner_loads_and_scores_the_same():
     vocab = vocabulary()
     train, validation = planted(40, 0, vocab), planted(10, 1, vocab)
-    result = planner.train_planner(train, validation, vocab, hidden=16, dropout=0.1, learning_rate=1e-2, weight_decay=0.0, batch_size=8,
-                                   max_epochs=2, patience=3, min_improvement=1e-4, seed=0, log=lambda _: None)
+    cfg = head_settings(hidden_size=16, dropout=0.1, head_learning_rate=1e-2, weight_decay=0.0, batch_size=8, max_epochs=2,
+                        early_stopping_patience=3, min_improvement=1e-4, seed=0)
+    result = planner.train_planner(train, validation, vocab, cfg, log=lambda _: None)
     model, loaded = planner.load_planner(planner.save_planner(result, vocab, 16, 0.1))
     assert loaded == vocab and not model.training
     states = validation[0][:5]

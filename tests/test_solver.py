@@ -140,18 +140,18 @@ def test_coverage_prior_charges_for_each_written_number_left_unused():
     cfg = load_config(None)
     problem = c3_model.ProblemText("Tom has 3 apples, buys 4 more and gives away 1 of every 2.", np.zeros(4, np.float32), [], np.zeros((0, 8), np.float32))
     problem.candidates = c3_model.text_candidates(problem.text, cfg.c4.word_to_number)
-    mentions = sorted(c3_model.text_mentions(problem))
-    assert len(mentions) == 4
+    written = c3_model.text_mentions(problem)
+    assert len(written) == 4
     three, four = (c for c in problem.candidates if c.kind == c3_model.TEXT and c.value in (3.0, 4.0))
     student = solver.Student(None, [], None, None, {}, unused_log_prior=[-0.1, -1.0, -2.0, -5.0])
     settings = evaluate.search_settings(cfg)
     two_steps = solver.Chain([solver.Step("ADD", "{0}+{1}", [three, four], 7.0)])
-    assert solver.coverage_logp(student, problem, two_steps, settings) == -2.0  # "1" and "2" unused
+    assert solver.coverage_logp(student, solver.unused_mentions(written, two_steps), settings) == -2.0  # "1" and "2" unused
     everything = [c for c in problem.candidates if c.kind == c3_model.TEXT and c.value in (1.0, 2.0)]
     full = solver.Chain([*two_steps.steps, solver.Step("DIV", "{0}/{1}", everything, 0.5)])
-    assert solver.coverage_logp(student, problem, full, settings) == -0.1
+    assert solver.coverage_logp(student, solver.unused_mentions(written, full), settings) == -0.1
     nothing = solver.Chain([solver.Step("ADD", "{0}+{1}", [_candidate("CONSTANT", 60.0, constant="minutes_per_hour")] * 2, 120.0)])
-    assert solver.coverage_logp(student, problem, nothing, settings) == -5.0  # beyond the table: its last entry
+    assert solver.coverage_logp(student, solver.unused_mentions(written, nothing), settings) == -5.0  # beyond the table: its last entry
     settings.coverage_prior = False
-    assert solver.coverage_logp(student, problem, nothing, settings) == 0.0
+    assert solver.coverage_logp(student, solver.unused_mentions(written, nothing), settings) == 0.0
     assert solver.chain_uses(full)[c3_model.candidate_usage_key(three)] == 1
