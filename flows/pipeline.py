@@ -15,19 +15,19 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.extraction import extraction, task_runner_for
-from mycelium.config import load_config
+from mycelium.config import DatasetConfig, MyceliumConfig, load_config
 from mycelium.errors import MyceliumError
 from mycelium.orchestration import configure_result_storage, run_step
 from mycelium.reports import ReportSection, steps_section, write_report
 from mycelium.store import ArtifactRef, ArtifactStore
 from tasks import (
+    evaluate,
     extract_attention,
     heartbeats,
     problems,
     teacher_cot,
     templates,
     train_c2,
-    evaluate,
     train_c3,
     training_data,
 )
@@ -52,6 +52,46 @@ def _require(store: ArtifactStore, ref: ArtifactRef, stage: str, needed_by: str)
         )
 
 
+def eval_dataset_config(cfg: MyceliumConfig) -> DatasetConfig:
+    """The problems stage 06 evaluates: the training dataset's held-out split, or `eval.dataset`."""
+    if cfg.eval.dataset is None:
+        return cfg.dataset
+    return cfg.dataset.model_copy(update={"source": cfg.eval.dataset, "split": cfg.eval.split, "limit": None, "fields": cfg.eval.fields or cfg.dataset.fields})
+
+
+def artifact_refs(store: ArtifactStore, cfg: MyceliumConfig) -> dict[str, ArtifactRef]:
+    """Where every step's artifact lives for this config, keyed by step (the evaluated problems
+    as "problems_eval"). A digest depends only on config, code and upstream digests, so this
+    runs nothing; the flow and the benchmarks find the same artifacts through it."""
+    refs: dict[str, ArtifactRef] = {}
+    refs["problems"] = problems.problems_ref(store, cfg.dataset)
+    refs["heads"] = extract_attention.heads_ref(store, cfg.teacher, cfg.extraction, refs["problems"])
+    refs["traces"] = extract_attention.traces_ref(store, cfg.teacher, cfg.extraction, refs["problems"], refs["heads"])
+    refs["heartbeats"] = heartbeats.heartbeats_ref(store, cfg.heartbeat, refs["traces"], refs["problems"])
+    refs["steps"] = templates.steps_ref(store, cfg.steps, cfg.ib, cfg.c2, refs["problems"])
+    refs["templates"] = templates.templates_ref(store, cfg.ib, refs["steps"])
+    refs["training_sets"] = training_data.training_sets_ref(store, cfg.training_data, cfg.c2, cfg.c4, cfg.steps, training_inputs(refs))
+    refs["c2_features"] = train_c2.features_ref(store, cfg.c2, refs["training_sets"])
+    refs["c2_model"] = train_c2.model_ref(store, cfg.c2, refs["training_sets"], refs["c2_features"])
+    refs["c3_features"] = train_c3.features_ref(store, cfg.c3, cfg.c4, refs["training_sets"])
+    refs["c3_model"] = train_c3.model_ref(store, cfg.c3, cfg.c4, list(cfg.c2.labels), cfg.eval.beam_width, cfg.eval.max_steps,
+                                          refs["training_sets"], refs["c3_features"])
+    refs["problems_eval"] = problems.problems_ref(store, eval_dataset_config(cfg))
+    refs["teacher_cot"] = teacher_cot.teacher_ref(store, cfg, refs["problems_eval"], refs["training_sets"])
+    refs["evaluation"] = evaluate.evaluation_ref(store, cfg, {**student_inputs(refs), "problems": refs["problems_eval"], "teacher": refs["teacher_cot"]})
+    return refs
+
+
+def training_inputs(refs: dict[str, ArtifactRef]) -> dict[str, ArtifactRef]:
+    """The artifacts stage 03 builds the training sets from."""
+    return {step: refs[step] for step in ("problems", "traces", "heartbeats", "steps", "templates")}
+
+
+def student_inputs(refs: dict[str, ArtifactRef]) -> dict[str, ArtifactRef]:
+    """The artifacts the trained student is loaded from (`evaluate.load_student`)."""
+    return {step: refs[step] for step in ("training_sets", "c2_features", "c2_model", "c3_model")}
+
+
 @flow(name="mycelium")
 def mycelium(
     config_path: str | None = None,
@@ -70,11 +110,13 @@ def mycelium(
     def step(task, ref: ArtifactRef, *args) -> None:
         statuses[ref.step] = run_step(task, ref.cache_key, store.is_complete(ref), cfg.storage, result_storage, ref, *args)
 
-    problems_ref = problems.problems_ref(store, cfg.dataset)
+    refs = artifact_refs(store, cfg)
+    problems_ref, heads_ref, traces_ref, heartbeats_ref, steps_ref, templates_ref, training_ref = (
+        refs[step] for step in ("problems", "heads", "traces", "heartbeats", "steps", "templates", "training_sets"))
+    c2_features_ref, c2_model_ref, c3_features_ref, c3_model_ref = (refs[step] for step in ("c2_features", "c2_model", "c3_features", "c3_model"))
+    eval_problems_ref, teacher_cot_ref, evaluation_ref = refs["problems_eval"], refs["teacher_cot"], refs["evaluation"]
     step(problems.problems_task, problems_ref, cfg.dataset)
 
-    heads_ref = extract_attention.heads_ref(store, cfg.teacher, cfg.extraction, problems_ref)
-    traces_ref = extract_attention.traces_ref(store, cfg.teacher, cfg.extraction, problems_ref, heads_ref)
     chunk_counts = {}
     if "00" in selected:
         step(extract_attention.select_heads_task, heads_ref, problems_ref, cfg.teacher, cfg.extraction)
@@ -86,48 +128,30 @@ def mycelium(
     elif "01" in selected or "03" in selected:  # stage 02 reads gold solutions only: no traces
         _require(store, traces_ref, "00", "01" if "01" in selected else "03")
 
-    heartbeats_ref = heartbeats.heartbeats_ref(store, cfg.heartbeat, traces_ref, problems_ref)
     if "01" in selected:
         step(heartbeats.heartbeats_task, heartbeats_ref, traces_ref, problems_ref, cfg.heartbeat)
     elif "03" in selected:
         _require(store, heartbeats_ref, "01", "03")
 
-    steps_ref = templates.steps_ref(store, cfg.steps, cfg.ib, cfg.c2, problems_ref)
-    templates_ref = templates.templates_ref(store, cfg.ib, steps_ref)
     if "02" in selected:
         step(templates.steps_task, steps_ref, problems_ref, cfg.steps, cfg.ib, cfg.c2)
         step(templates.templates_task, templates_ref, steps_ref, cfg.ib)
     elif "03" in selected:
         _require(store, templates_ref, "02", "03")
 
-    training_inputs = {"problems": problems_ref, "traces": traces_ref, "heartbeats": heartbeats_ref, "steps": steps_ref, "templates": templates_ref}
-    training_ref = training_data.training_sets_ref(store, cfg.training_data, cfg.c2, cfg.c4, cfg.steps, training_inputs)
     if "03" in selected:
-        step(training_data.training_sets_task, training_ref, training_inputs, cfg.training_data, cfg.c2, cfg.c4, cfg.steps)
+        step(training_data.training_sets_task, training_ref, training_inputs(refs), cfg.training_data, cfg.c2, cfg.c4, cfg.steps)
     elif "04" in selected or "05" in selected:
         _require(store, training_ref, "03", "04" if "04" in selected else "05")
 
-    c2_features_ref = train_c2.features_ref(store, cfg.c2, training_ref)
-    c2_model_ref = train_c2.model_ref(store, cfg.c2, training_ref, c2_features_ref)
     if "04" in selected:
         step(train_c2.features_task, c2_features_ref, training_ref, cfg.c2)
         step(train_c2.train_task, c2_model_ref, training_ref, c2_features_ref, cfg.c2)
 
-    c3_features_ref = train_c3.features_ref(store, cfg.c3, cfg.c4, training_ref)
-    c3_model_ref = train_c3.model_ref(store, cfg.c3, cfg.c4, list(cfg.c2.labels), cfg.eval.beam_width, cfg.eval.max_steps, training_ref, c3_features_ref)
     if "05" in selected:
         step(train_c3.features_task, c3_features_ref, training_ref, cfg.c3, cfg.c4)
         step(train_c3.train_task, c3_model_ref, training_ref, c3_features_ref, cfg.c3, cfg.c4, cfg.c2, cfg.eval.beam_width, cfg.eval.max_steps)
 
-    eval_inputs = {"training_sets": training_ref, "c2_features": c2_features_ref, "c2_model": c2_model_ref, "c3_model": c3_model_ref}
-    eval_dataset = cfg.dataset
-    if cfg.eval.dataset is not None:
-        eval_dataset = cfg.dataset.model_copy(
-            update={"source": cfg.eval.dataset, "split": cfg.eval.split, "limit": None, "fields": cfg.eval.fields or cfg.dataset.fields}
-        )
-    eval_problems_ref = problems.problems_ref(store, eval_dataset)
-    teacher_cot_ref = teacher_cot.teacher_ref(store, cfg, eval_problems_ref, training_ref)
-    evaluation_ref = evaluate.evaluation_ref(store, cfg, {**eval_inputs, "problems": eval_problems_ref, "teacher": teacher_cot_ref})
     if "06" in selected:
         for stage, ref in (("04", c2_model_ref), ("05", c3_model_ref)):
             if stage not in selected:
@@ -135,10 +159,10 @@ def mycelium(
         if eval_problems_ref != problems_ref:
             statuses[eval_problems_ref.step + "_eval"] = run_step(
                 problems.problems_task, eval_problems_ref.cache_key, store.is_complete(eval_problems_ref), cfg.storage, result_storage,
-                eval_problems_ref, eval_dataset,
+                eval_problems_ref, eval_dataset_config(cfg),
             )
         step(teacher_cot.teacher_task, teacher_cot_ref, eval_problems_ref, training_ref, cfg)
-        step(evaluate.evaluate_task, evaluation_ref, eval_problems_ref, teacher_cot_ref, eval_inputs, cfg)
+        step(evaluate.evaluate_task, evaluation_ref, eval_problems_ref, teacher_cot_ref, student_inputs(refs), cfg)
 
     all_refs = (problems_ref, heads_ref, traces_ref, heartbeats_ref, steps_ref, templates_ref, training_ref,
                 c2_features_ref, c2_model_ref, c3_features_ref, c3_model_ref, teacher_cot_ref, evaluation_ref)

@@ -24,7 +24,8 @@ is the query: the problem's pooled embedding, the slot's C2 label, its skeleton 
 common `max_skeletons` of training; the rest share one id) and the operand's position. A small MLP scores every (query,
 candidate) pair; a softmax over the slot's candidates is trained with cross-entropy on the
 gold candidate. Decoding returns the top `beam_width` operand tuples with their log-scores;
-`decode_slots` scores many slots against one candidate table in a single pass (the search).
+`decode_slots` scores many slots against one candidate table in a single pass, and
+`decode_beam` does that for every chain of a search depth at once (the search).
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mycelium.config import C3Config
 from mycelium.provenance import CONSTANT, END, IMPLICIT, PRIOR, TEXT, _inflected, find_mentions
@@ -92,8 +94,13 @@ class Vocabulary:
     constants: list[str]
     max_operands: int
 
+    def __post_init__(self) -> None:
+        # Positions by name for the one-hot features (list.index per candidate was a hot spot).
+        self.word_index = {w: i for i, w in enumerate(self.words)}
+        self.constant_index = {c: i for i, c in enumerate(self.constants)}
+
     def to_json(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def text_candidates(text: str, word_to_number: Mapping[str, float]) -> list[Candidate]:
@@ -186,10 +193,22 @@ def candidate_numeric(c: Candidate, text_length: int, step_index: int, vocab: Vo
     """`uses`: how many earlier steps of the chain already took this candidate. Most GSM8K
     numbers are used exactly once (82% of used text mentions in the C3 training set), and an
     earlier result is normally consumed once, so the pointer needs to know."""
-    kind = np.zeros(len(KINDS), np.float32)
-    kind[KINDS.index(c.kind)] = 1.0
+    row = np.zeros(numeric_width(vocab), np.float32)
+    _fill_numeric(row, c, text_length, step_index, vocab, uses)
+    return row
+
+
+def numeric_width(vocab: Vocabulary) -> int:
+    return len(KINDS) + N_NUMERIC + len(vocab.words) + len(vocab.constants)
+
+
+def _fill_numeric(row: np.ndarray, c: Candidate, text_length: int, step_index: int, vocab: Vocabulary, uses: int) -> None:
+    """Write `candidate_numeric` into a zeroed row: kind one-hot, N_NUMERIC scalars, word
+    one-hot, constant one-hot (filled in place: the search builds thousands of rows per problem)."""
+    row[KINDS.index(c.kind)] = 1.0
     value = c.value if c.value is not None else 0.0
-    numeric = np.array([
+    at = len(KINDS)
+    row[at : at + N_NUMERIC] = (
         math.log10(1.0 + abs(value)),
         float(c.value is not None and float(value).is_integer()),
         float(c.value is not None and abs(value) < 1.0),
@@ -198,14 +217,12 @@ def candidate_numeric(c: Candidate, text_length: int, step_index: int, vocab: Vo
         float(c.reciprocal),
         float(uses > 0),
         math.log1p(uses),
-    ], np.float32)
-    word = np.zeros(len(vocab.words), np.float32)
-    if c.word in vocab.words:
-        word[vocab.words.index(c.word)] = 1.0
-    constant = np.zeros(len(vocab.constants), np.float32)
-    if c.constant in vocab.constants:
-        constant[vocab.constants.index(c.constant)] = 1.0
-    return np.concatenate([kind, numeric, word, constant])
+    )
+    at += N_NUMERIC
+    if c.word is not None and (i := vocab.word_index.get(c.word)) is not None:
+        row[at + i] = 1.0
+    if c.constant is not None and (i := vocab.constant_index.get(c.constant)) is not None:
+        row[at + len(vocab.words) + i] = 1.0
 
 
 def query_vector(problem: ProblemText, label: str, skeleton: str, operand_index: int, step_position: int, n_prior: int, vocab: Vocabulary) -> np.ndarray:
@@ -240,7 +257,9 @@ def candidate_table(problem: ProblemText, step_index: int, prior_steps: Sequence
     candidates = slot_candidates(problem, prior_steps, prior_values, domain_constants)
     dim2 = problem.features.shape[1] if problem.features.ndim == 2 and problem.features.shape[1] else 2 * len(problem.pooled)
     text_features = problem.features if len(problem.candidates) else np.zeros((0, dim2), np.float32)
-    numeric = np.stack([candidate_numeric(c, len(problem.text), step_index, vocab, uses.get(candidate_usage_key(c), 0)) for c in candidates])
+    numeric = np.zeros((len(candidates), numeric_width(vocab)), np.float32)
+    for row, c in zip(numeric, candidates, strict=True):
+        _fill_numeric(row, c, len(problem.text), step_index, vocab, uses.get(candidate_usage_key(c), 0))
     return candidates, text_features, numeric
 
 
@@ -291,15 +310,25 @@ class PointerScorer(nn.Module):
         self.candidate = nn.Sequential(nn.Linear(text_dim + numeric_dim, hidden), nn.GELU(), nn.Dropout(dropout))
         self.score = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
-    def score_queries(self, query: torch.Tensor, text: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
-        """Many queries (Q, query_dim) against one candidate set (N, ...): (Q, N) log-probabilities.
-        The same numbers as `forward` with each query as its own example, but the candidates
-        pass through their layer once — the search asks dozens of slots per chain."""
-        c = self.candidate(torch.cat([text, numeric], dim=-1))
-        q = self.query(query)
-        n_queries, n_candidates = q.shape[0], c.shape[0]
-        qe, ce = q[:, None, :].expand(-1, n_candidates, -1), c[None, :, :].expand(n_queries, -1, -1)
-        return torch.log_softmax(self.score(torch.cat([qe, ce, qe * ce], dim=-1)).squeeze(-1), dim=-1)
+    def score_rows(self, query: torch.Tensor, text: torch.Tensor, numeric: torch.Tensor, chain_of_row: torch.Tensor,
+                   query_of_row: torch.Tensor) -> torch.Tensor:
+        """(R, N) log-probabilities, row r being query `query_of_row[r]` (of `query`, (Q, query_dim))
+        against the candidates of chain `chain_of_row[r]`: `text` (N, text_dim) is shared by the
+        chains, `numeric` (C, N, numeric_dim) is each chain's. The same numbers as `forward`
+        with each row as its own example (eval mode), computed so that every query and every
+        candidate passes through its layer once: the first layers are split by input block, and
+        only the elementwise-product block of the score layer is applied per pair."""
+        if self.training:
+            raise RuntimeError("score_rows runs the model in eval mode only (it skips dropout)")
+        hidden = self.score[0].out_features
+        candidate_layer = self.candidate[0]
+        text_part = text @ candidate_layer.weight[:, : text.shape[1]].T  # once for all chains
+        c = F.gelu(text_part[None] + numeric @ candidate_layer.weight[:, text.shape[1] :].T + candidate_layer.bias)  # (C, N, H)
+        q = self.query(query)  # (Q, H)
+        w_query, w_candidate, w_product = self.score[0].weight.split(hidden, dim=1)
+        pair = ((q @ w_query.T)[query_of_row][:, None, :] + (c @ w_candidate.T + self.score[0].bias)[chain_of_row]
+                + (q[query_of_row][:, None, :] * c[chain_of_row]) @ w_product.T)
+        return torch.log_softmax(self.score[2](F.gelu(pair)).squeeze(-1), dim=-1)
 
     def forward(self, query, text, numeric, mask) -> torch.Tensor:
         """Log-probabilities over each example's candidates (padding gets -inf)."""
@@ -374,18 +403,62 @@ def decode_slots(model: PointerScorer, problem: ProblemText, candidates: Sequenc
                  slots: Sequence[tuple[str, str, int]], step_position: int, n_prior: int, vocab: Vocabulary, beam_width: int
                  ) -> list[list[tuple[list[Candidate], float]]]:
     """`decode` for many slots (label, skeleton, arity) over one candidate table, in one pass."""
-    queries = [query_vector(problem, label, skeleton, k, step_position, n_prior, vocab) for label, skeleton, arity in slots for k in range(arity)]
-    if not queries:
-        return [[([], 0.0)] for _ in slots]
-    text = np.zeros((len(candidates), text_features.shape[1]), np.float32)
+    return decode_beam(model, problem, [(candidates, text_features, numeric)], [slots], step_position, n_prior, vocab, beam_width)[0]
+
+
+def decode_beam(model: PointerScorer, problem: ProblemText, tables: Sequence[tuple[Sequence[Candidate], np.ndarray, np.ndarray]],
+                slots: Sequence[Sequence[tuple[str, str, int]]], step_position: int, n_prior: int, vocab: Vocabulary, beam_width: int
+                ) -> list[list[list[tuple[list[Candidate], float]]]]:
+    """`decode_slots` for every chain of one search depth at once (`score_beam`), as
+    [chain][slot] → operand beam."""
+    scored = score_beam(model, problem, tables, slots, step_position, n_prior, vocab, beam_width)
+    return [[[([candidates[i] for i in row], score) for row, score in zip(indices.tolist(), scores.tolist(), strict=True)]
+             for indices, scores in per_chain] for (candidates, _, _), per_chain in zip(tables, scored, strict=True)]
+
+
+def score_beam(model: PointerScorer, problem: ProblemText, tables: Sequence[tuple[Sequence[Candidate], np.ndarray, np.ndarray]],
+               slots: Sequence[Sequence[tuple[str, str, int]]], step_position: int, n_prior: int, vocab: Vocabulary, beam_width: int
+               ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """The operand beams of every chain of one search depth: `tables[c]` is chain c's
+    candidate table (`candidate_table`) and `slots[c]` its (label, skeleton, arity) options.
+    Returns [chain][slot] → (candidate indices (K, arity) into that chain's table, scores (K,)),
+    best first. Chains at one depth have the same number of candidates (only PRIOR values and
+    usage differ), and a slot's query does not depend on the chain, so each distinct query and
+    each chain's candidates pass through their layers once."""
+    n_candidates = len(tables[0][0])
+    if any(len(candidates) != n_candidates for candidates, _, _ in tables):
+        raise ValueError("score_beam: chains of one depth must have the same number of candidates")
+    query_row: dict[tuple[str, str, int], int] = {}
+    for chain_slots in slots:
+        for label, skeleton, arity in chain_slots:
+            for k in range(arity):
+                query_row.setdefault((label, skeleton, k), len(query_row))
+    if not query_row:
+        return [[(np.zeros((1, 0), np.int64), np.zeros(1)) for _ in chain_slots] for chain_slots in slots]
+    queries = np.stack([query_vector(problem, label, skeleton, k, step_position, n_prior, vocab) for label, skeleton, k in query_row])
+    chain_of_row = [c for c, chain_slots in enumerate(slots) for _, _, arity in chain_slots for _ in range(arity)]
+    query_of_row = [query_row[(label, skeleton, k)] for chain_slots in slots for label, skeleton, arity in chain_slots for k in range(arity)]
+    text_features = tables[0][1]
+    text = np.zeros((n_candidates, text_features.shape[1]), np.float32)
     text[: len(text_features)] = text_features
     with torch.inference_mode():
-        log_probs = model.score_queries(torch.from_numpy(np.stack(queries)), torch.from_numpy(text), torch.from_numpy(numeric)).numpy()
-    masked, options = _ranked(log_probs, candidates, beam_width)  # once for every row of every slot
-    result, row = [], 0
-    for _, _, arity in slots:
-        result.append(_best_tuples(masked[row : row + arity], options[row : row + arity], candidates, beam_width))
-        row += arity
+        log_probs = model.score_rows(torch.from_numpy(queries), torch.from_numpy(text), torch.from_numpy(np.stack([t[2] for t in tables])),
+                                     torch.tensor(chain_of_row), torch.tensor(query_of_row)).numpy()
+    masked, options = _ranked(log_probs, tables[0][0], beam_width)  # END sits at the same place in every table
+    arities = [arity for chain_slots in slots for _, _, arity in chain_slots]
+    starts = np.concatenate([[0], np.cumsum(arities)[:-1]]).astype(int)
+    beams: list = [None] * len(arities)
+    for arity in set(arities):  # every slot of one arity in one vectorised beam
+        which = [i for i, a in enumerate(arities) if a == arity]
+        rows = starts[which][:, None] + np.arange(arity)[None, :]
+        chosen, scores = _best_tuples(masked[rows], options[rows], beam_width)
+        for i, indices, tuple_scores in zip(which, chosen, scores, strict=True):
+            possible = np.isfinite(tuple_scores)
+            beams[i] = (indices[possible], tuple_scores[possible])
+    result, slot = [], 0
+    for chain_slots in slots:
+        result.append(beams[slot : slot + len(chain_slots)])
+        slot += len(chain_slots)
     return result
 
 
@@ -399,21 +472,30 @@ def _ranked(log_probs: np.ndarray, candidates: Sequence[Candidate], beam_width: 
 
 def _tuple_beam(log_probs: np.ndarray, candidates: Sequence[Candidate], beam_width: int) -> list[tuple[list[Candidate], float]]:
     """The best `beam_width` operand tuples, one row of log-probabilities per operand position."""
-    return _best_tuples(*_ranked(log_probs, candidates, beam_width), candidates, beam_width)
+    masked, options = _ranked(log_probs, candidates, beam_width)
+    chosen, scores = _best_tuples(masked[None], options[None], beam_width)
+    return [([candidates[i] for i in row], score) for row, score in zip(chosen[0].tolist(), scores[0].tolist(), strict=True) if score != -math.inf]
 
 
-def _best_tuples(masked: np.ndarray, options: np.ndarray, candidates: Sequence[Candidate], beam_width: int) -> list[tuple[list[Candidate], float]]:
-    chosen = np.zeros((1, 0), np.int64)
-    scores = np.zeros(1)
-    for row, best_options in zip(masked, options, strict=True):
-        best_options = best_options[np.isfinite(row[best_options])]
+def _best_tuples(masked: np.ndarray, options: np.ndarray, beam_width: int) -> tuple[np.ndarray, np.ndarray]:
+    """For S slots of one arity A at once — `masked` (S, A, N) log-probabilities, `options` (S, A, B)
+    each position's best candidates — the `beam_width` best index tuples (S, K, A) and their
+    scores (S, K), best first; tuples with an impossible position score -inf (callers drop them)."""
+    n_slots = masked.shape[0]
+    chosen = np.zeros((n_slots, 1, 0), np.int64)
+    scores = np.zeros((n_slots, 1))
+    for position in range(masked.shape[1]):
+        best_options = options[:, position, :]  # (S, B)
+        values = np.take_along_axis(masked[:, position, :], best_options, axis=1)  # (S, B)
         # Positions are scored independently, so this beam is exactly the best tuples. A
         # candidate may fill two operands: gold does that (`150+150` from one earlier result).
-        totals = (scores[:, None] + row[best_options][None, :]).ravel()
-        best = np.argsort(-totals, kind="stable")[:beam_width]
-        chosen = np.concatenate([chosen[best // len(best_options)], best_options[best % len(best_options)][:, None]], axis=1)
-        scores = totals[best]
-    return [([candidates[i] for i in row], float(score)) for row, score in zip(chosen, scores, strict=True)]
+        totals = (scores[:, :, None] + values[:, None, :]).reshape(n_slots, -1)  # (S, K*B)
+        best = np.argsort(-totals, axis=1, kind="stable")[:, :beam_width]
+        width = best_options.shape[1]
+        previous = np.take_along_axis(chosen, (best // width)[:, :, None], axis=1)
+        chosen = np.concatenate([previous, np.take_along_axis(best_options, best % width, axis=1)[:, :, None]], axis=2)
+        scores = np.take_along_axis(totals, best, axis=1)
+    return chosen, scores
 
 
 def decode(model: PointerScorer, examples: Sequence[PointerExample], beam_width: int) -> list[tuple[list[Candidate], float]]:

@@ -225,6 +225,7 @@ class EvalConfig(Section):
     step_choice: Literal["planner", "c2_labels"]
     planner_top_k: int = Field(ge=1)
     planner_uses_c2: bool
+    prune_margin: float | None = Field(default=None, ge=0.0)
     voting: Literal["weighted", "majority", "top1"]
     numerical_consistency_boost: float = Field(ge=0.0)
     simplicity_penalty: float = Field(ge=0.0)

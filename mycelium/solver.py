@@ -10,6 +10,10 @@ operands per step), the answer and the ranked list of distinct candidate answers
 
 With `eval.step_choice: planner` (the default) stage 05's step planner proposes each next
 skeleton and says when a chain stops (`planned_search`); `c2_labels` is the seed's loop below.
+With `eval.prune_margin` the planned search stops growing a partial chain once it scores that
+far below the best finished chain: every later term is a log-probability or a penalty, so
+nothing it could become would carry more than exp(-margin) of the winner's vote, and the
+winner itself never changes.
 
 The search (a beam over partial chains, bounded by `eval.mcts_max_paths` finished chains):
   1. C2 gives label probabilities; the labels at or above its threshold must each be used by
@@ -20,7 +24,8 @@ The search (a beam over partial chains, bounded by `eval.mcts_max_paths` finishe
      C3's beam (which points only at the problem's numbers and words, earlier results,
      constants, and knows how often the chain already used each), and C4 evaluates it. Its
      score adds C3's log-probabilities and the log of C2's probability of that label;
-     `eval.simplicity_penalty` is paid per step. C3 scores every option of a chain in one pass.
+     `eval.simplicity_penalty` is paid per step. C3 scores every option of every chain of a
+     depth in one pass, and proposals are built lazily, best first.
   3. A chain is finished once every predicted label has been used and every earlier result
      has been consumed by a later step, at which point its last value is a candidate answer
      and, with `eval.coverage_prior`, it adds log P(k written numbers left unused) as counted on
@@ -44,7 +49,7 @@ import math
 import string
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -159,6 +164,7 @@ class SearchSettings:
     step_choice: str = "c2_labels"  # "planner": the step planner proposes and scores each next skeleton
     planner_top_k: int = 6  # skeletons the planner proposes per step
     planner_uses_c2: bool = False  # a planned chain also adds C2's log P(its label set)
+    prune_margin: float | None = None  # drop partial chains this far below the best finished one; None: keep all
 
 
 @dataclass
@@ -229,20 +235,35 @@ class Proposal:
     score: float
 
 
-def propose(student: Student, problem: c3_model.ProblemText, chain: Chain, options: Sequence[tuple[str, float, str]],
-            settings: SearchSettings) -> list[Proposal]:
-    """Every way C3's beam fills one more step of `chain`, for each (label, label log-p,
-    skeleton) option. C3 scores all options' operand slots in one pass over the chain's
-    candidates (what exists now, and how often the chain already used each)."""
-    compiled = [(label, logp, skeleton, compile_skeleton(skeleton, settings.timeout_s, settings.max_length)) for label, logp, skeleton in options]
-    compiled = [(label, logp, skeleton, c[1]) for label, logp, skeleton, c in compiled if c is not None]
-    n_prior = len(chain.steps)
-    candidates, text_features, numeric = c3_model.candidate_table(problem, n_prior, list(range(n_prior)), chain.values(),
-                                                                  settings.domain_constants, student.vocab, chain_uses(chain))
-    slots = [(label, skeleton, arity) for label, _, skeleton, arity in compiled]
-    decoded = c3_model.decode_slots(student.c3, problem, candidates, text_features, numeric, slots, n_prior, n_prior, student.vocab, settings.beam_width)
-    return [Proposal(chain, label, skeleton, operands, chain.score + logp + label_logp - settings.simplicity_penalty)
-            for (label, label_logp, skeleton, _), beams in zip(compiled, decoded, strict=True) for operands, logp in beams]
+def ranked_proposals(student: Student, problem: c3_model.ProblemText, chains: Sequence[Chain], options: Sequence[Sequence[tuple[str, float, str]]],
+                     settings: SearchSettings) -> Iterator[Proposal]:
+    """One more step for each of `chains` (all of one length), best first: `options[c]` are
+    chain c's (label, label log-p, skeleton) choices, each filled by C3's operand beam. C3
+    scores every option of every chain in one pass, each chain over its own candidates (what
+    exists now, and how often that chain already used each). Proposals are built lazily, in
+    score order: a depth has thousands and the planned search looks at the first few dozen."""
+    if not chains:
+        return
+    n_prior = len(chains[0].steps)
+    kept = [[(label, logp, skeleton, compiled[1]) for label, logp, skeleton in chain_options
+             if (compiled := compile_skeleton(skeleton, settings.timeout_s, settings.max_length)) is not None] for chain_options in options]
+    tables = [c3_model.candidate_table(problem, n_prior, list(range(n_prior)), chain.values(), settings.domain_constants, student.vocab, chain_uses(chain))
+              for chain in chains]
+    scored = c3_model.score_beam(student.c3, problem, tables, [[(label, skeleton, arity) for label, _, skeleton, arity in chain_options] for chain_options in kept],
+                                 n_prior, n_prior, student.vocab, settings.beam_width)
+    where, totals = [], []  # (chain, option, tuple) and score of every proposal, in chain → option → tuple order
+    for c, (chain, chain_options, per_slot) in enumerate(zip(chains, kept, scored, strict=True)):
+        for o, ((_, label_logp, _, _), (_, scores)) in enumerate(zip(chain_options, per_slot, strict=True)):
+            where += [(c, o, t) for t in range(len(scores))]
+            totals.append(chain.score + label_logp - settings.simplicity_penalty + scores)
+    if not where:
+        return
+    totals_flat = np.concatenate(totals)
+    for i in np.argsort(-totals_flat, kind="stable").tolist():  # stable: ties keep chain → option → tuple order
+        c, o, t = where[i]
+        label, _, skeleton, _ = kept[c][o]
+        candidates = tables[c][0]
+        yield Proposal(chains[c], label, skeleton, [candidates[j] for j in scored[c][o][0][t].tolist()], float(totals_flat[i]))
 
 
 def compute(proposal: Proposal, settings: SearchSettings) -> Chain | None:
@@ -253,21 +274,16 @@ def compute(proposal: Proposal, settings: SearchSettings) -> Chain | None:
     return Chain([*proposal.chain.steps, Step(proposal.label, proposal.skeleton, proposal.operands, value)], proposal.score)
 
 
-def extend(student: Student, problem: c3_model.ProblemText, chain: Chain, options: Sequence[tuple[str, float, str]],
-           settings: SearchSettings) -> list[Chain]:
-    """Every computable one-step extension of `chain` (see `propose`)."""
-    return [c for c in (compute(p, settings) for p in propose(student, problem, chain, options, settings)) if c is not None]
-
-
-def best_computable(proposals: list[Proposal], width: int, settings: SearchSettings) -> list[Chain]:
-    """The `width` best proposals that C4 can compute, computing no more than it must."""
+def best_computable(ranked: Iterable[Proposal], width: int, settings: SearchSettings, floor: float = -math.inf) -> list[Chain]:
+    """The `width` best proposals (given best first) that C4 can compute and that score at
+    least `floor`, computing no more than it must."""
     result = []
-    for proposal in sorted(proposals, key=lambda p: -p.score):
+    for proposal in ranked:
+        if proposal.score < floor or len(result) == width:
+            break
         chain = compute(proposal, settings)
         if chain is not None:
             result.append(chain)
-            if len(result) == width:
-                break
     return result
 
 
@@ -330,15 +346,12 @@ def search(student: Student, problem: c3_model.ProblemText, labels: Sequence[str
     log_p = {label: math.log(max(float(probabilities[index[label]]), 1e-6)) if label in index else 0.0 for label in labels}
     beam, finished = [Chain()], []
     for depth in range(settings.max_steps if plan is None else len(plan)):
-        expanded = []
-        for chain in beam:
-            if plan is not None:
-                label, skeleton = plan[depth]
-                options = [(label, skeleton)]
-            else:
-                options = [(label, s) for label in labels for s in student.skeletons_by_label.get(label, [])[: settings.skeletons_per_label]]
-            expanded += extend(student, problem, chain, [(label, log_p.get(label, 0.0) if cover else 0.0, skeleton) for label, skeleton in options], settings)
-        expanded.sort(key=lambda c: -c.score)
+        if plan is not None:
+            options = [plan[depth]]
+        else:
+            options = [(label, s) for label in labels for s in student.skeletons_by_label.get(label, [])[: settings.skeletons_per_label]]
+        scored = [(label, log_p.get(label, 0.0) if cover else 0.0, skeleton) for label, skeleton in options]
+        expanded = [c for c in (compute(p, settings) for p in ranked_proposals(student, problem, beam, [scored] * len(beam), settings)) if c is not None]
         beam = []
         for chain in expanded:
             used = {s.label for s in chain.steps}
@@ -370,19 +383,27 @@ def planned_search(student: Student, problem: c3_model.ProblemText, probabilitie
         unused = [unused_mentions(written, chain) for chain in beam]
         states = np.stack([state_vector(problem.pooled, [s.skeleton for s in chain.steps], [s.label for s in chain.steps], n_unused, len(written), vocab)
                            for chain, n_unused in zip(beam, unused, strict=True)])
-        expanded = []
-        for chain, n_unused, log_p in zip(beam, unused, next_steps(student.planner, states), strict=True):  # the planner reads the whole beam at once
+        plans = next_steps(student.planner, states)  # the planner reads the whole beam at once
+        for chain, n_unused, log_p in zip(beam, unused, plans, strict=True):
             if chain.steps and every_result_used(chain):
                 c2_term = label_set_loglik({s.label for s in chain.steps}, probabilities, student) if settings.planner_uses_c2 else 0.0
                 finished.append(Chain(chain.steps, chain.score + float(log_p[vocab.stop]) + c2_term + coverage_logp(student, n_unused, settings)))
-            if depth == settings.max_steps:
-                continue
+        if depth == settings.max_steps or len(finished) >= settings.max_paths:
+            break
+        floor = max(c.score for c in finished) - settings.prune_margin if finished and settings.prune_margin is not None else -math.inf
+        # Every later term of a score is a log-probability or a penalty, so a partial chain's
+        # score bounds all its completions: one below the floor could add at most
+        # exp(-prune_margin) of the best chain's vote.
+        growing = [(chain, log_p) for chain, log_p in zip(beam, plans, strict=True) if chain.score >= floor]
+        options = []
+        for _, log_p in growing:
             proposed = [i for i in np.argsort(-log_p[: vocab.other]) if vocab.skeletons[i] in vocab.label_of][: settings.planner_top_k]
-            expanded += propose(student, problem, chain, [(vocab.label_of[vocab.skeletons[i]], float(log_p[i]), vocab.skeletons[i]) for i in proposed], settings)
+            options.append([(vocab.label_of[vocab.skeletons[i]], float(log_p[i]), vocab.skeletons[i]) for i in proposed])
+        ranked = ranked_proposals(student, problem, [chain for chain, _ in growing], options, settings)
         # Only the beam goes on (finishing is decided for beam members), so C4 runs only as far
         # down the ranking as it takes to fill it.
-        beam = best_computable(expanded, settings.beam_width, settings)
-        if len(finished) >= settings.max_paths or not beam:
+        beam = best_computable(ranked, settings.beam_width, settings, floor)
+        if not beam:
             break
     return sorted(finished, key=lambda c: -c.score)[: settings.max_paths]
 

@@ -125,7 +125,7 @@ def search_settings(cfg: MyceliumConfig) -> solver.SearchSettings:
     return solver.SearchSettings(cfg.c2.threshold, e.beam_width, e.mcts_max_paths, e.max_steps, e.skeletons_per_label, e.voting,
                                  e.numerical_consistency_boost, e.simplicity_penalty, cfg.steps.expression_timeout_s,
                                  cfg.steps.max_expression_length, dict(cfg.c4.domain_constants), e.answer_digits, e.require_all_labels,
-                                 e.coverage_prior, e.step_choice, e.planner_top_k, e.planner_uses_c2)
+                                 e.coverage_prior, e.step_choice, e.planner_top_k, e.planner_uses_c2, e.prune_margin)
 
 
 # --- checking answers ----------------------------------------------------------------------------------

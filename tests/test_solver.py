@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections import Counter
 
 import numpy as np
 import polars as pl
@@ -155,3 +157,83 @@ def test_coverage_prior_charges_for_each_written_number_left_unused():
     settings.coverage_prior = False
     assert solver.coverage_logp(student, solver.unused_mentions(written, nothing), settings) == 0.0
     assert solver.chain_uses(full)[c3_model.candidate_usage_key(three)] == 1
+
+
+SKELETONS = {"ADD": ["{0}+{1}"], "SUB": ["{0}-{1}"], "MUL": ["{0}*{1}"], "DIV": ["{0}/{1}"]}
+
+
+def seeded_student(seed: int, dim: int = 8) -> tuple[solver.Student, object]:
+    """A whole student with untrained, seeded weights: what the search does with the scores
+    (pruning, batching, bookkeeping) does not depend on the scores being good."""
+    import torch
+
+    from mycelium import c2_model, planner
+
+    cfg = load_config(None)
+    torch.manual_seed(seed)
+    labels = list(SKELETONS)
+    vocab = c3_model.Vocabulary(labels, [s for group in SKELETONS.values() for s in group], list(cfg.c4.word_to_number), list(cfg.c4.domain_constants), 4)
+    plan_vocab = planner.build_vocabulary(vocab.skeletons, [(s, label) for label, group in SKELETONS.items() for s in group], labels, 4)
+    query_dim = len(c3_model.query_vector(c3_model.ProblemText("", np.zeros(dim, np.float32), [], np.zeros((0, 2 * dim))), "ADD", "{0}+{1}", 0, 0, 0, vocab))
+    state_dim = len(planner.state_vector(np.ones(dim, np.float32), [], [], 0, 0, plan_vocab))
+    student = solver.Student(c2_model.C2Heads(dim, 8, len(labels), 0.0).eval(), labels,
+                             c3_model.PointerScorer(query_dim, 2 * dim, c3_model.numeric_width(vocab), 16, 0.0).eval(), vocab, SKELETONS,
+                             [-0.2, -1.5, -3.0], planner.StepPlanner(state_dim, 16, plan_vocab.stop + 1, 0.0).eval(), plan_vocab)
+    with torch.no_grad():  # sharper than a fresh init, as trained models are: chains then differ in score
+        for module in (student.c3, student.planner):
+            for parameter in module.parameters():
+                parameter.mul_(4.0)
+    return student, cfg
+
+
+def seeded_problem(text: str, seed: int, dim: int = 8) -> c3_model.ProblemText:
+    cfg = load_config(None)
+    rng = np.random.default_rng(seed)
+    candidates = c3_model.text_candidates(text, cfg.c4.word_to_number)
+    return c3_model.ProblemText(text, rng.normal(size=dim).astype(np.float32), candidates, rng.normal(size=(len(candidates), 2 * dim)).astype(np.float32))
+
+
+PROBLEMS = ["Tom has 5 apples and buys 3 more bags of 4. He eats 2. How many are left?",
+            "A shop sells 12 pens at 3 dollars each and 7 books at 9 dollars each. What is the total?",
+            "Ann reads 20 pages a day for 6 days, then half as many for 2 days. How many pages?"]
+
+
+def test_pruning_keeps_the_winner_and_drops_only_chains_far_below_it():
+    cfg = load_config(None)
+    settings = evaluate.search_settings(cfg)
+    # No cap on finished chains (compare whole searches); a wide beam and no coverage term, so
+    # that multi-step chains finish near the winner's score and a small margin has work to do.
+    settings.max_paths, settings.beam_width, settings.max_steps, settings.coverage_prior = 10_000, 40, 4, False
+    n_dropped = 0
+    for seed, (i, text) in itertools.product(range(3), enumerate(PROBLEMS)):
+        student, _ = seeded_student(seed)
+        problem = seeded_problem(text, seed * 10 + i)
+        _, probabilities = solver.predict_labels(student, problem.pooled, settings.threshold)
+        settings.prune_margin = None
+        everything = solver.planned_search(student, problem, probabilities, settings)
+        settings.prune_margin = 0.5
+        pruned = solver.planned_search(student, problem, probabilities, settings)
+        assert pruned and pruned[0].steps == everything[0].steps and pruned[0].score == pytest.approx(everything[0].score)
+        key = lambda c: (round(c.score, 9), tuple((s.skeleton, tuple(s.operands)) for s in c.steps))  # noqa: E731
+        kept, full = {key(c) for c in pruned}, {key(c) for c in everything}
+        assert kept <= full  # pruning never invents a chain
+        dropped = [c for c in everything if key(c) not in kept]
+        assert all(c.score < everything[0].score - settings.prune_margin for c in dropped)
+        n_dropped += len(dropped)
+    assert n_dropped > 0  # the margin did cut something on these problems
+
+
+def test_one_pass_over_the_beam_proposes_what_each_chain_proposes_alone():
+    student, cfg = seeded_student(3)
+    settings = evaluate.search_settings(cfg)
+    problem = seeded_problem(PROBLEMS[1], 3)
+    first = [p for p in solver.ranked_proposals(student, problem, [solver.Chain()], [[("MUL", -0.1, "{0}*{1}")]], settings)]
+    chains = [c for c in (solver.compute(p, settings) for p in first[:4]) if c is not None]  # four one-step chains, different values and uses
+    options = [("ADD", -0.5, "{0}+{1}"), ("DIV", -1.0, "{0}/{1}")]
+    together = list(solver.ranked_proposals(student, problem, chains, [options] * len(chains), settings))
+    alone = [p for chain in chains for p in solver.ranked_proposals(student, problem, [chain], [options], settings)]
+    describe = lambda p: (id(p.chain), p.skeleton, tuple(p.operands))  # noqa: E731
+    assert Counter(map(describe, together)) == Counter(map(describe, alone))
+    assert [p.score for p in together] == sorted((p.score for p in together), reverse=True)  # best first
+    by_key = {describe(p): p.score for p in alone}
+    assert all(p.score == pytest.approx(by_key[describe(p)], abs=1e-5) for p in together)

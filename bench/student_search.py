@@ -1,0 +1,107 @@
+"""The student's per-problem latency, taken apart: the backbone read, and the search with and
+without `eval.prune_margin`, measured side by side on the same problems in one run.
+
+Reads:  config.yaml (+ `--set` overrides) and the trained student in the artifact store — the
+        C2/C3/planner artifacts that `mycelium run` built for this config (by default: trained
+        on GSM8K train, evaluated on GSM8K test; run stages 00-05 on GSM8K train first).
+Writes: nothing.
+Time:   ~1 minute for 300 problems on 2 CPU cores.
+You see: for each part its p50/p95 in ms; the pruned / unpruned search time as a median paired
+        ratio with a bootstrap 95% interval; how often the two searches give the same answer
+        (pruning never changes the best chain, only how much the far-behind chains add to the
+        vote); and read + search against the issue's 15 ms (1-2 step) target.
+
+    python bench/student_search.py [--n 300] [--set eval.prune_margin=2.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np
+
+from flows.pipeline import artifact_refs, student_inputs
+from mycelium import c3_model, solver
+from mycelium import encoder as encoder_module
+from mycelium.config import load_config
+from mycelium.store import ArtifactStore
+from tasks import evaluate
+from tasks.train_c3 import device
+
+DEFAULTS = ["dataset.source=../shared/data/gsm8k/train.jsonl", "eval.dataset=../shared/data/gsm8k/test.jsonl"]
+BOOTSTRAP_SAMPLES = 2000
+
+
+def percentiles(ms: list[float]) -> str:
+    return f"p50 {np.percentile(ms, 50):6.1f} ms   p95 {np.percentile(ms, 95):6.1f} ms"
+
+
+def paired_ratio(numerator: np.ndarray, denominator: np.ndarray, seed: int) -> tuple[float, float, float]:
+    """Median of per-problem ratios, with a bootstrap 95% interval over problems."""
+    ratios = numerator / denominator
+    rng = np.random.default_rng(seed)
+    medians = [np.median(rng.choice(ratios, size=len(ratios))) for _ in range(BOOTSTRAP_SAMPLES)]
+    return float(np.median(ratios)), float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=300, help="problems, the first N of the evaluated dataset")
+    parser.add_argument("--set", action="append", default=[], help="config override, dotted key=value (repeatable)")
+    args = parser.parse_args()
+
+    cfg = load_config(None, [*DEFAULTS, *args.set])
+    if cfg.eval.prune_margin is None:
+        print("bench: eval.prune_margin is null; set a margin to compare against the unpruned search", file=sys.stderr)
+        return 2
+    store = ArtifactStore.from_settings()
+    refs = artifact_refs(store, cfg)
+    inputs = student_inputs(refs)
+    missing = [step for step, ref in [*inputs.items(), ("problems_eval", refs["problems_eval"])] if not store.is_complete(ref)]
+    if missing:
+        print(f"bench: no trained student for this config in {store.root} (missing: {', '.join(missing)}); "
+              "run `mycelium run --stages 00-05` with the same --set first", file=sys.stderr)
+        return 2
+
+    student = evaluate.load_student(store, inputs, cfg)
+    pruned = evaluate.search_settings(cfg)
+    unpruned = evaluate.search_settings(cfg)
+    unpruned.prune_margin = None
+    texts = store.read(refs["problems_eval"], "problems")["problem"].head(args.n).to_list()
+    encoder = encoder_module.load_encoder(cfg.c3.backbone, cfg.c3.max_length, device())
+
+    read_ms, pruned_ms, unpruned_ms, same = [], [], [], 0
+    for text in texts:
+        started = time.perf_counter()
+        problem = c3_model.read_problems(encoder, [text], cfg.c4.word_to_number, 1, cfg.c3.context_tokens, progress=False)[0]
+        read_ms.append(1000 * (time.perf_counter() - started))
+        # Alternate which search runs first, so neither always meets a warm cache.
+        order = [(pruned, pruned_ms), (unpruned, unpruned_ms)]
+        answers = []
+        for settings, sink in order if len(read_ms) % 2 else order[::-1]:
+            started = time.perf_counter()
+            answers.append(solver.solve(student, problem, settings).answer)
+            sink.append(1000 * (time.perf_counter() - started))
+        same += answers[0] == answers[1]
+
+    n = len(texts)
+    ratio, low, high = paired_ratio(np.array(pruned_ms), np.array(unpruned_ms), cfg.eval.seed)
+    total = np.array(read_ms) + np.array(pruned_ms)
+    print(f"{n} problems of {cfg.eval.dataset}, student from {refs['c3_model'].digest}, 2 x search per problem")
+    print(f"backbone read (MiniLM, one problem)   {percentiles(read_ms)}")
+    print(f"search, prune_margin={cfg.eval.prune_margin:<4g}          {percentiles(pruned_ms)}")
+    print(f"search, no pruning                    {percentiles(unpruned_ms)}")
+    print(f"pruned / unpruned search time: median paired ratio {ratio:.2f} [{low:.2f}, {high:.2f}] (bootstrap 95%)")
+    print(f"same answer from both searches: {same}/{n}")
+    print(f"read + pruned search: {percentiles(list(total))} (issue target for 1-2 step problems: p50 <= 15 ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
