@@ -85,6 +85,9 @@ def test_voting_rules():
     # The whole-number boost can turn a close vote.
     assert solver.vote([_chain(7.5, -1.0), _chain(8.0, -1.1)], _settings("top1"))[0][0] == 7.5
     assert solver.vote([_chain(7.5, -1.0), _chain(8.0, -1.1)], _settings("weighted", boost=0.2))[0][0] == 8.0
+    # ...but only a positive one: a negative or zero answer gets no boost.
+    assert solver.vote([_chain(7.5, -1.0), _chain(-8.0, -1.1)], _settings("weighted", boost=0.2))[0][0] == 7.5
+    assert solver.vote([_chain(7.5, -1.0), _chain(0.0, -1.1)], _settings("weighted", boost=0.2))[0][0] == 7.5
 
 
 def test_decode_emits_distinct_existing_candidates_best_first():
