@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 
 from flows.pipeline import artifact_refs, student_inputs
-from mycelium import c3_model, solver
+from mycelium import c3_model, solver, stats
 from mycelium import encoder as encoder_module
 from mycelium.config import load_config
 from mycelium.store import ArtifactStore
@@ -35,19 +35,11 @@ from tasks import evaluate
 from tasks.train_c3 import device
 
 DEFAULTS = ["dataset.source=../shared/data/gsm8k/train.jsonl", "eval.dataset=../shared/data/gsm8k/test.jsonl"]
-BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def percentiles(ms: list[float]) -> str:
     return f"p50 {np.percentile(ms, 50):6.1f} ms   p95 {np.percentile(ms, 95):6.1f} ms"
-
-
-def paired_ratio(numerator: np.ndarray, denominator: np.ndarray, seed: int) -> tuple[float, float, float]:
-    """Median of per-problem ratios, with a bootstrap 95% interval over problems."""
-    ratios = numerator / denominator
-    rng = np.random.default_rng(seed)
-    medians = [np.median(rng.choice(ratios, size=len(ratios))) for _ in range(BOOTSTRAP_SAMPLES)]
-    return float(np.median(ratios)), float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 
 
 def main() -> int:
@@ -91,13 +83,15 @@ def main() -> int:
         same += answers[0] == answers[1]
 
     n = len(texts)
-    ratio, low, high = paired_ratio(np.array(pruned_ms), np.array(unpruned_ms), cfg.eval.seed)
+    # median of per-problem ratios, percentile bootstrap over problems
+    ratio = stats.bootstrap_interval(np.array(pruned_ms) / np.array(unpruned_ms), statistic=np.median, resamples=BOOTSTRAP_RESAMPLES,
+                                     seed=cfg.eval.seed)
     total = np.array(read_ms) + np.array(pruned_ms)
     print(f"{n} problems of {cfg.eval.dataset}, student from {refs['c3_model'].digest}, 2 x search per problem")
     print(f"backbone read (MiniLM, one problem)   {percentiles(read_ms)}")
     print(f"search, prune_margin={cfg.eval.prune_margin:<4g}          {percentiles(pruned_ms)}")
     print(f"search, no pruning                    {percentiles(unpruned_ms)}")
-    print(f"pruned / unpruned search time: median paired ratio {ratio:.2f} [{low:.2f}, {high:.2f}] (bootstrap 95%)")
+    print(f"pruned / unpruned search time: median paired ratio {ratio.estimate:.2f} [{ratio.low:.2f}, {ratio.high:.2f}] (bootstrap 95%, n={ratio.n})")
     print(f"same answer from both searches: {same}/{n}")
     print(f"read + pruned search: {percentiles(list(total))} (issue target for 1-2 step problems: p50 <= 15 ms)")
     return 0

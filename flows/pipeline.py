@@ -164,10 +164,8 @@ def mycelium(
         step(teacher_cot.teacher_task, teacher_cot_ref, eval_problems_ref, training_ref, cfg)
         step(evaluate.evaluate_task, evaluation_ref, eval_problems_ref, teacher_cot_ref, student_inputs(refs), cfg)
 
-    all_refs = (problems_ref, heads_ref, traces_ref, heartbeats_ref, steps_ref, templates_ref, training_ref,
-                c2_features_ref, c2_model_ref, c3_features_ref, c3_model_ref, teacher_cot_ref, evaluation_ref)
     sections: list[ReportSection] = [
-        steps_section(statuses, {r.step: r for r in all_refs} | {"problems_eval": eval_problems_ref}, chunk_counts),
+        steps_section(statuses, refs, chunk_counts),
         problems.report_section(store, problems_ref),
     ]
     if store.is_complete(traces_ref):

@@ -25,7 +25,7 @@ common `max_skeletons` of training; the rest share one id) and the operand's pos
 candidate) pair; a softmax over the slot's candidates is trained with cross-entropy on the
 gold candidate. Decoding returns the top `beam_width` operand tuples with their log-scores;
 `decode_slots` scores many slots against one candidate table in a single pass, and
-`decode_beam` does that for every chain of a search depth at once (the search).
+`score_beam` does that for every chain of a search depth at once (the search).
 """
 
 from __future__ import annotations
@@ -402,18 +402,11 @@ def train_c3(train: Sequence[PointerExample], validation: Sequence[PointerExampl
 def decode_slots(model: PointerScorer, problem: ProblemText, candidates: Sequence[Candidate], text_features: np.ndarray, numeric: np.ndarray,
                  slots: Sequence[tuple[str, str, int]], step_position: int, n_prior: int, vocab: Vocabulary, beam_width: int
                  ) -> list[list[tuple[list[Candidate], float]]]:
-    """`decode` for many slots (label, skeleton, arity) over one candidate table, in one pass."""
-    return decode_beam(model, problem, [(candidates, text_features, numeric)], [slots], step_position, n_prior, vocab, beam_width)[0]
-
-
-def decode_beam(model: PointerScorer, problem: ProblemText, tables: Sequence[tuple[Sequence[Candidate], np.ndarray, np.ndarray]],
-                slots: Sequence[Sequence[tuple[str, str, int]]], step_position: int, n_prior: int, vocab: Vocabulary, beam_width: int
-                ) -> list[list[list[tuple[list[Candidate], float]]]]:
-    """`decode_slots` for every chain of one search depth at once (`score_beam`), as
-    [chain][slot] → operand beam."""
-    scored = score_beam(model, problem, tables, slots, step_position, n_prior, vocab, beam_width)
-    return [[[([candidates[i] for i in row], score) for row, score in zip(indices.tolist(), scores.tolist(), strict=True)]
-             for indices, scores in per_chain] for (candidates, _, _), per_chain in zip(tables, scored, strict=True)]
+    """`decode` for many slots (label, skeleton, arity) over one candidate table, in one pass
+    (`score_beam` for a single chain)."""
+    scored = score_beam(model, problem, [(candidates, text_features, numeric)], [slots], step_position, n_prior, vocab, beam_width)[0]
+    return [[([candidates[i] for i in row], score) for row, score in zip(indices.tolist(), scores.tolist(), strict=True)]
+            for indices, scores in scored]
 
 
 def score_beam(model: PointerScorer, problem: ProblemText, tables: Sequence[tuple[Sequence[Candidate], np.ndarray, np.ndarray]],

@@ -69,12 +69,16 @@ def planted(n: int, seed: int, vocab: planner.PlannerVocabulary):
     return planner.gold_states(chains, pooled, mentions, vocab)
 
 
-def test_the_planner_learns_the_next_step_and_when_to_stop_and_beats_the_most_common_guess():
+def trained(n_train: int, n_validation: int, **settings):
+    """A planner trained on planted chains, with the given head settings over common defaults."""
     vocab = vocabulary()
-    train, validation = planted(200, 0, vocab), planted(60, 1, vocab)
-    cfg = head_settings(hidden_size=32, dropout=0.0, head_learning_rate=1e-2, weight_decay=0.0, batch_size=16, max_epochs=30,
-                        early_stopping_patience=3, min_improvement=1e-4, seed=0)
-    result = planner.train_planner(train, validation, vocab, cfg, log=lambda _: None)
+    train, validation = planted(n_train, 0, vocab), planted(n_validation, 1, vocab)
+    cfg = head_settings(**{"head_learning_rate": 1e-2, "weight_decay": 0.0, "early_stopping_patience": 3, "min_improvement": 1e-4, "seed": 0, **settings})
+    return vocab, train, validation, planner.train_planner(train, validation, vocab, cfg, log=lambda _: None)
+
+
+def test_the_planner_learns_the_next_step_and_when_to_stop_and_beats_the_most_common_guess():
+    vocab, train, validation, result = trained(200, 60, hidden_size=32, dropout=0.0, batch_size=16, max_epochs=30)
     scores = planner.evaluate_planner(result.model, *validation, vocab.stop)
     most_common = np.bincount(train[1]).argmax()
     assert most_common == vocab.stop  # every chain ends once: STOP is the majority class
@@ -86,11 +90,7 @@ def test_the_planner_learns_the_next_step_and_when_to_stop_and_beats_the_most_co
 
 
 def test_saved_planner_loads_and_scores_the_same():
-    vocab = vocabulary()
-    train, validation = planted(40, 0, vocab), planted(10, 1, vocab)
-    cfg = head_settings(hidden_size=16, dropout=0.1, head_learning_rate=1e-2, weight_decay=0.0, batch_size=8, max_epochs=2,
-                        early_stopping_patience=3, min_improvement=1e-4, seed=0)
-    result = planner.train_planner(train, validation, vocab, cfg, log=lambda _: None)
+    vocab, _, validation, result = trained(40, 10, hidden_size=16, dropout=0.1, batch_size=8, max_epochs=2)
     model, loaded = planner.load_planner(planner.save_planner(result, vocab, 16, 0.1))
     assert loaded == vocab and not model.training
     states = validation[0][:5]
