@@ -28,11 +28,10 @@ import numpy as np
 
 from flows.pipeline import artifact_refs, student_inputs
 from mycelium import c3_model, solver, stats
-from mycelium import encoder as encoder_module
 from mycelium.config import load_config
 from mycelium.store import ArtifactStore
 from tasks import evaluate
-from tasks.train_c3 import device
+from tasks.train_c2 import student_encoder
 
 DEFAULTS = ["dataset.source=../shared/data/gsm8k/train.jsonl", "eval.dataset=../shared/data/gsm8k/test.jsonl"]
 BOOTSTRAP_RESAMPLES = 2000
@@ -66,7 +65,7 @@ def main() -> int:
     unpruned = evaluate.search_settings(cfg)
     unpruned.prune_margin = None
     texts = store.read(refs["problems_eval"], "problems")["problem"].head(args.n).to_list()
-    encoder = encoder_module.load_encoder(cfg.c3.backbone, cfg.c3.max_length, device())
+    encoder = student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length)
 
     read_ms, pruned_ms, unpruned_ms, same = [], [], [], 0
     for text in texts:

@@ -30,6 +30,7 @@ from tasks import (
     train_c2,
     train_c3,
     training_data,
+    tune_backbone,
 )
 
 KNOWN_STAGES = ["00", "01", "02", "03", "04", "05", "06"]
@@ -71,9 +72,15 @@ def artifact_refs(store: ArtifactStore, cfg: MyceliumConfig) -> dict[str, Artifa
     refs["steps"] = templates.steps_ref(store, cfg.steps, cfg.ib, cfg.c2, refs["problems"])
     refs["templates"] = templates.templates_ref(store, cfg.ib, refs["steps"])
     refs["training_sets"] = training_data.training_sets_ref(store, cfg.training_data, cfg.c2, cfg.c4, cfg.steps, training_inputs(refs))
-    refs["c2_features"] = train_c2.features_ref(store, cfg.c2, refs["training_sets"])
+    backbone = tune_backbone.backbone_ref(store, cfg.c3, cfg.c4, list(cfg.c2.labels), cfg.eval.max_steps, refs["training_sets"])
+    if backbone is not None:  # C2 reads with the same tuned weights: the student reads each problem once
+        if cfg.c2.backbone != cfg.c3.backbone:
+            raise MyceliumError(f"c2.backbone ({cfg.c2.backbone}) and c3.backbone ({cfg.c3.backbone}) differ; a tuned backbone "
+                                "(c3.unfreeze) serves both, so set them alike or c3.unfreeze=never")
+        refs["student_backbone"] = backbone
+    refs["c2_features"] = train_c2.features_ref(store, cfg.c2, refs["training_sets"], backbone)
     refs["c2_model"] = train_c2.model_ref(store, cfg.c2, refs["training_sets"], refs["c2_features"])
-    refs["c3_features"] = train_c3.features_ref(store, cfg.c3, cfg.c4, refs["training_sets"])
+    refs["c3_features"] = train_c3.features_ref(store, cfg.c3, cfg.c4, refs["training_sets"], backbone)
     refs["c3_model"] = train_c3.model_ref(store, cfg.c3, cfg.c4, list(cfg.c2.labels), cfg.eval.beam_width, cfg.eval.max_steps,
                                           refs["training_sets"], refs["c3_features"])
     refs["problems_eval"] = problems.problems_ref(store, eval_dataset_config(cfg))
@@ -89,7 +96,7 @@ def training_inputs(refs: dict[str, ArtifactRef]) -> dict[str, ArtifactRef]:
 
 def student_inputs(refs: dict[str, ArtifactRef]) -> dict[str, ArtifactRef]:
     """The artifacts the trained student is loaded from (`evaluate.load_student`)."""
-    return {step: refs[step] for step in ("training_sets", "c2_features", "c2_model", "c3_model")}
+    return {step: refs[step] for step in ("training_sets", "c2_features", "c2_model", "c3_model", "student_backbone") if step in refs}
 
 
 @flow(name="mycelium")
@@ -144,12 +151,17 @@ def mycelium(
     elif "04" in selected or "05" in selected:
         _require(store, training_ref, "03", "04" if "04" in selected else "05")
 
+    backbone_ref = refs.get("student_backbone")
     if "04" in selected:
-        step(train_c2.features_task, c2_features_ref, training_ref, cfg.c2)
+        if backbone_ref is not None:
+            step(tune_backbone.tune_task, backbone_ref, training_ref, cfg.c3, cfg.c4, list(cfg.c2.labels), cfg.eval.max_steps)
+        step(train_c2.features_task, c2_features_ref, training_ref, cfg.c2, backbone_ref)
         step(train_c2.train_task, c2_model_ref, training_ref, c2_features_ref, cfg.c2)
 
     if "05" in selected:
-        step(train_c3.features_task, c3_features_ref, training_ref, cfg.c3, cfg.c4)
+        if backbone_ref is not None and "04" not in selected:
+            _require(store, backbone_ref, "04", "05")
+        step(train_c3.features_task, c3_features_ref, training_ref, cfg.c3, cfg.c4, backbone_ref)
         step(train_c3.train_task, c3_model_ref, training_ref, c3_features_ref, cfg.c3, cfg.c4, cfg.c2, cfg.eval.beam_width, cfg.eval.max_steps)
 
     if "06" in selected:
@@ -176,6 +188,8 @@ def mycelium(
         sections.append(templates.report_section(store, steps_ref, templates_ref))
     if "03" in selected:
         sections.append(training_data.report_section(store, training_ref, list(cfg.c2.labels)))
+    if "04" in selected and backbone_ref is not None:
+        sections.append(tune_backbone.report_section(store, backbone_ref))
     if "04" in selected:
         sections.append(train_c2.report_section(store, c2_model_ref, list(cfg.c2.labels)))
     if "05" in selected:

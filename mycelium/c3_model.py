@@ -178,11 +178,20 @@ def read_problems(encoder, texts: Sequence[str], word_to_number: Mapping[str, fl
     return result
 
 
-def _span_features(states: np.ndarray, offsets: np.ndarray, start: int, end: int, context_tokens: int) -> np.ndarray:
+def span_token_ranges(offsets: np.ndarray, start: int, end: int, context_tokens: int) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """The tokens inside the character span [start, end), and the token range [lo, hi) that
+    adds `context_tokens` either side; None when the span was truncated away."""
     inside = np.flatnonzero((offsets[:, 0] < end) & (offsets[:, 1] > start) & (offsets[:, 1] > offsets[:, 0]))
-    if len(inside) == 0:  # truncated away: no text evidence
+    if len(inside) == 0:
+        return None
+    return inside, (max(0, int(inside[0]) - context_tokens), min(len(offsets), int(inside[-1]) + 1 + context_tokens))
+
+
+def _span_features(states: np.ndarray, offsets: np.ndarray, start: int, end: int, context_tokens: int) -> np.ndarray:
+    ranges = span_token_ranges(offsets, start, end, context_tokens)
+    if ranges is None:  # truncated away: no text evidence
         return np.zeros(2 * states.shape[-1], np.float32)
-    lo, hi = max(0, inside[0] - context_tokens), min(len(states), inside[-1] + 1 + context_tokens)
+    inside, (lo, hi) = ranges
     return np.concatenate([states[inside].mean(0), states[lo:hi].mean(0)])
 
 

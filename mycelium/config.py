@@ -197,6 +197,11 @@ class C3Config(Section):
     max_skeletons: int = Field(ge=0)
     max_operands: int = Field(ge=1)
     seed: int
+    unfreeze: Literal["auto", "always", "never"] = "never"
+    fine_tune_epochs: int = Field(default=3, ge=1)
+    fine_tune_layers: int = Field(default=3, ge=1)
+    fine_tune_batch_problems: int = Field(default=8, ge=1)
+    fine_tune_planner_weight: float = Field(default=1.0, ge=0.0)
 
 
 class TrainingDataConfig(Section):

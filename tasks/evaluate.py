@@ -55,7 +55,6 @@ from mycelium import (
     stats,
     steps,
 )
-from mycelium import encoder as encoder_module
 from mycelium.config import MyceliumConfig
 from mycelium.reports import ReportSection
 from mycelium.store import (
@@ -190,7 +189,7 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
              teacher: pl.DataFrame | None = None, progress: bool = True, log=print) -> tuple[pl.DataFrame, dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    from tasks.train_c3 import device
+    from tasks.train_c2 import student_encoder
     from tasks.training_data import settings_from
 
     student = load_student(store, inputs, cfg)
@@ -198,7 +197,7 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
     prov_settings = settings_from(cfg.training_data, cfg.c4, cfg.steps)
     step_settings = steps.StepSettings(timeout_s=cfg.steps.expression_timeout_s, max_length=cfg.steps.max_expression_length,
                                        rel_tol=cfg.steps.result_rel_tol, pow_subtypes=list(cfg.ib.pow_subtypes), labels=list(cfg.c2.labels))
-    encoder = encoder_module.load_encoder(cfg.c3.backbone, cfg.c3.max_length, device())
+    encoder = student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length)
     rows = problems.to_dicts()
     # The backbone reads every problem once; timed per problem inside the student's latency.
     texts, read_seconds = [], []

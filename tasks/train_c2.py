@@ -32,7 +32,7 @@ from prefect import get_run_logger, task
 
 from mycelium import c2_model, stats
 from mycelium import encoder as encoder_module
-from mycelium.config import C2Config
+from mycelium.config import C2Config, Settings
 from mycelium.errors import MyceliumError
 from mycelium.reports import ReportSection, format_rate
 from mycelium.store import (
@@ -52,9 +52,11 @@ def _code_version() -> str:
     return source_code_version(sys.modules[__name__], c2_model, encoder_module)
 
 
-def features_ref(store: ArtifactStore, cfg: C2Config, training_sets: ArtifactRef) -> ArtifactRef:
+def features_ref(store: ArtifactStore, cfg: C2Config, training_sets: ArtifactRef, backbone: ArtifactRef | None = None) -> ArtifactRef:
+    """`backbone`: stage 04's tuned student backbone, read with instead of `cfg.backbone`."""
     payload = {k: cfg.digest_payload()[k] for k in FEATURE_KEYS}
-    return store.ref(FEATURES_STEP, artifact_digest(FEATURES_STEP, payload, [training_sets], source_code_version(encoder_module)))
+    upstream = [training_sets] + ([backbone] if backbone is not None else [])
+    return store.ref(FEATURES_STEP, artifact_digest(FEATURES_STEP, payload, upstream, source_code_version(encoder_module)))
 
 
 def model_ref(store: ArtifactStore, cfg: C2Config, training_sets: ArtifactRef, features: ArtifactRef) -> ArtifactRef:
@@ -66,10 +68,18 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_features(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C2Config) -> dict:
+def student_encoder(store: ArtifactStore, tuned: ArtifactRef | None, name: str, max_length: int) -> encoder_module.Encoder:
+    """What C2, C3 and the student read problems with: stage 04's tuned backbone when there
+    is one (`tasks/tune_backbone.py`), else `name` as it is."""
+    from mycelium.backbone_tuning import load_student_encoder
+
+    return load_student_encoder(store, tuned, name, max_length, Settings().cache_dir, device())
+
+
+def build_features(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C2Config, backbone: ArtifactRef | None = None) -> dict:
     store = ArtifactStore.for_ref(ref)
     c2 = store.read(training_sets, "c2")
-    encoder = encoder_module.load_encoder(cfg.backbone, cfg.max_length, device())
+    encoder = student_encoder(store, backbone, cfg.backbone, cfg.max_length)
     vectors = encoder_module.embed_texts(encoder, c2["problem"].to_list(), cfg.feature_batch_size)
     table = c2.select("problem_id").with_columns(pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, encoder.dim)))
     store.write_table(ref, {"features": table}, metadata={"n": table.height, "dim": encoder.dim, "backbone": cfg.backbone})
@@ -191,8 +201,8 @@ def plot_training(history: list[dict], path: str | Path, title: str, curves: dic
 
 
 @task(name="c2-features")
-def features_task(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C2Config) -> ArtifactRef:
-    meta = build_features(ref, training_sets, cfg)
+def features_task(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C2Config, backbone: ArtifactRef | None = None) -> ArtifactRef:
+    meta = build_features(ref, training_sets, cfg, backbone)
     get_run_logger().info("c2 features: %d problems embedded with %s", meta["n"], cfg.backbone)
     return ref
 

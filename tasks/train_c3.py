@@ -36,7 +36,7 @@ from mycelium.config import C2Config, C3Config, C4Config
 from mycelium.errors import MyceliumError
 from mycelium.reports import ReportSection, format_rate
 from mycelium.store import ArtifactRef, ArtifactStore, artifact_digest, source_code_version
-from tasks.train_c2 import device, plot_training
+from tasks.train_c2 import plot_training, student_encoder
 
 FEATURES_STEP = "c3_features"
 MODEL_STEP = "c3_model"
@@ -47,9 +47,11 @@ def _code_version() -> str:
     return source_code_version(sys.modules[__name__], c3_model, planner, provenance, encoder_module)
 
 
-def features_ref(store: ArtifactStore, cfg: C3Config, c4_cfg: C4Config, training_sets: ArtifactRef) -> ArtifactRef:
+def features_ref(store: ArtifactStore, cfg: C3Config, c4_cfg: C4Config, training_sets: ArtifactRef, backbone: ArtifactRef | None = None) -> ArtifactRef:
+    """`backbone`: stage 04's tuned student backbone, read with instead of `cfg.backbone`."""
     payload = {**{k: cfg.digest_payload()[k] for k in FEATURE_KEYS}, "word_to_number": c4_cfg.word_to_number}
-    return store.ref(FEATURES_STEP, artifact_digest(FEATURES_STEP, payload, [training_sets], source_code_version(c3_model, provenance, encoder_module)))
+    upstream = [training_sets] + ([backbone] if backbone is not None else [])
+    return store.ref(FEATURES_STEP, artifact_digest(FEATURES_STEP, payload, upstream, source_code_version(c3_model, provenance, encoder_module)))
 
 
 def model_ref(store: ArtifactStore, cfg: C3Config, c4_cfg: C4Config, labels: list[str], beam_width: int, max_steps: int, training_sets: ArtifactRef,
@@ -93,13 +95,13 @@ def problems_from_tables(tables: dict[str, pl.DataFrame], texts: dict[str, str])
     return result
 
 
-def build_features(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C3Config, c4_cfg: C4Config) -> dict:
+def build_features(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C3Config, c4_cfg: C4Config, backbone: ArtifactRef | None = None) -> dict:
     store = ArtifactStore.for_ref(ref)
     slots = store.read(training_sets, "c3_slots")
     c2 = store.read(training_sets, "c2")
     wanted = set(slots["problem_id"].to_list())
     rows = c2.filter(pl.col("problem_id").is_in(wanted)).select("problem_id", "problem")
-    encoder = encoder_module.load_encoder(cfg.backbone, cfg.max_length, device())
+    encoder = student_encoder(store, backbone, cfg.backbone, cfg.max_length)
     problems = c3_model.read_problems(encoder, rows["problem"].to_list(), c4_cfg.word_to_number, cfg.feature_batch_size, cfg.context_tokens)
     tables = problems_to_tables(rows["problem_id"].to_list(), problems)
     store.write_table(ref, tables, metadata={"n_problems": rows.height, "n_candidates": tables["candidates"].height})
@@ -232,8 +234,8 @@ def _summary(result: c3_model.C3Result, validation, keys: list, beam_width: int,
 
 
 @task(name="c3-features")
-def features_task(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C3Config, c4_cfg: C4Config) -> ArtifactRef:
-    meta = build_features(ref, training_sets, cfg, c4_cfg)
+def features_task(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C3Config, c4_cfg: C4Config, backbone: ArtifactRef | None = None) -> ArtifactRef:
+    meta = build_features(ref, training_sets, cfg, c4_cfg, backbone)
     get_run_logger().info("c3 features: %d problems, %d text candidates", meta["n_problems"], meta["n_candidates"])
     return ref
 

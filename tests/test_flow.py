@@ -219,7 +219,8 @@ def test_stage_04_trains_c2_and_a_head_setting_reuses_the_features(local_root):
     # problems can leave one side empty, which stage 04 refuses in one line).
     overrides = ["training_data.validation_fraction=0.5", "training_data.split_seed=2", "c2.max_epochs=3"]
     report_path, summary, store = run_flow(overrides, stages="00-04")
-    assert {"c2_features", "c2_model"} <= set(summary["steps_computed"])
+    assert {"student_backbone", "c2_features", "c2_model"} <= set(summary["steps_computed"])
+    assert summary["backbone_tuning_validation_top1"]["n"] >= 1  # the tuned backbone's own pointer check
     assert summary["c2_n_train"] + summary["c2_n_validation"] == summary["training_c2_problems"]
     assert 1 <= summary["c2_epochs_run"] <= 3
     for key in ("c2_all_correct", "c2_label_prior_all_correct", "c2_most_common_set_any_correct"):
@@ -234,6 +235,9 @@ def test_stage_04_trains_c2_and_a_head_setting_reuses_the_features(local_root):
 
     _, changed, _ = run_flow([*overrides, "c2.hidden_size=64"], stages="00-04")
     assert changed["steps_computed"] == ["c2_model"]
+    # Without tuning there is no such step, and C2 reads with the backbone as shipped.
+    _, frozen, _ = run_flow([*overrides, "c3.unfreeze=never"], stages="00-04")
+    assert frozen["steps_computed"] == ["c2_features", "c2_model"] and "student_backbone" not in frozen["steps_cached"]
 
 
 STUDENT = [
