@@ -3,7 +3,7 @@
 Reads: problem texts, stage 03's `c3_slots` / `c3_operands` (gold provenance), the `c3` and
 `c4` config sections. Writes nothing itself: `train_c3` returns the model and its history;
 `save_c3` / `load_c3` turn it into safetensors + JSON.
-Time: on 2 CPU cores, reading ~6k GSM8K problems with the frozen backbone (token states,
+Time: on 2 CPU cores, reading ~6k GSM8K problems with the backbone (token states,
 once) takes ~2 min; an epoch over ~70k pointer decisions a few seconds.
 You should see: per epoch the loss and the validation pointer accuracy (top-1 and within the
 beam), beside the accuracy of picking uniformly among the same candidates.
@@ -15,7 +15,8 @@ candidates of a slot are built from the problem and the chain so far (`candidate
   PRIOR     every earlier step's result;
   CONSTANT  every `c4.domain_constants` entry;
   END       the stop marker (a slot's operands are followed by one END).
-Each candidate has a feature vector: for TEXT/IMPLICIT, the frozen backbone's token states
+Each candidate has a feature vector: for TEXT/IMPLICIT, the backbone's token states (held
+fixed here; stage 04 may have tuned it first, `mycelium/backbone_tuning.py`)
 averaged over the span and over a few tokens of context either side; for every candidate, its
 kind, its value's magnitude and integrality, where it sits in the text, how far back a PRIOR
 step is, which word or constant it is, and how often the chain's earlier steps already took it
@@ -156,7 +157,7 @@ def gold_candidate(candidates: Sequence[Candidate], operand: Mapping) -> int | N
 
 
 def read_problems(encoder, texts: Sequence[str], word_to_number: Mapping[str, float], batch_size: int, context_tokens: int, progress: bool = True) -> list[ProblemText]:
-    """Run the frozen backbone once per problem and keep only candidate features."""
+    """Run the backbone once per problem (no gradients) and keep only candidate features."""
     from tqdm.auto import tqdm
 
     result = []

@@ -2,7 +2,8 @@
 
 Reads:  the evaluation problems (the held-out validation split of the training set, or any
         dataset through `eval.dataset`: GSM8K test, MATH-500, a JSONL with question and answer
-        fields), the C2 model (stage 04), the C3 model and features (stage 05), the training
+        fields), the tuned backbone and the C2 model (stage 04; the student reads each problem
+        once with that backbone), the C3 model and features (stage 05), the training
         sets (stage 03: skeletons per label, the nearest-neighbour pool), the teacher, and the
         `eval`, `c2`, `c3`, `c4`, `steps`, `teacher` config sections.
 Writes: artifact `teacher_cot` (table `answers`: the teacher's generated text, extracted answer

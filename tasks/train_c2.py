@@ -1,10 +1,11 @@
 """Stage 04 — train C2, the operation classifier, on stage 03's C2 set.
 
-Reads:  artifact `training_sets` (table `c2`: problem, labels, n_heartbeats, split) and the
-        `c2` config section.
-Writes: artifact `c2_features` (table `features`: problem_id, embedding — the frozen
-        backbone's mean-pooled problem embedding, cached so a head setting change does not
-        re-embed) and artifact `c2_model` with files `c2_heads.safetensors`, `c2_config.json`
+Reads:  artifact `training_sets` (table `c2`: problem, labels, n_heartbeats, split), the
+        `c2` config section, and the student's tuned backbone when stage 04 made one
+        (`tasks/tune_backbone.py`, its first step; else `c2.backbone` as shipped).
+Writes: artifact `c2_features` (table `features`: problem_id, embedding — the (tuned or
+        shipped) backbone's mean-pooled problem embedding, cached so a head setting change
+        does not re-embed) and artifact `c2_model` with files `c2_heads.safetensors`, `c2_config.json`
         (+ `c2_backbone.safetensors` when the backbone was fine-tuned), `training_curve.png`,
         `summary.json`, and tables `history` (one row per epoch) and `validation` (per
         validation problem: gold and predicted labels, label probabilities).

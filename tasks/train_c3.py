@@ -1,9 +1,11 @@
 """Stage 05 — train C3, the operand pointer, on stage 03's C3 set.
 
 Reads:  artifact `training_sets` (tables `c2` for the problem texts, `c3_slots`,
-        `c3_operands`), the `c3`, `c4` and `eval` (beam_width) config sections.
+        `c3_operands`), the student's backbone (stage 04's tuned one when `c3.unfreeze` made
+        one, else `c3.backbone`), the `c3`, `c4` and `eval` (beam_width) config sections.
 Writes: artifact `c3_features` (tables `problems`: problem_id, pooled embedding; `candidates`:
-        every TEXT/IMPLICIT candidate with its span and frozen-backbone feature), and artifact
+        every TEXT/IMPLICIT candidate with its span and backbone feature, the backbone held
+        fixed here), and artifact
         `c3_model` with `c3_pointer.safetensors`, `c3_config.json` (vocabulary included, and
         log P(k written numbers left unused) over the training chains), the step planner
         (`planner.safetensors`, `planner_config.json`: next skeleton or STOP, see
