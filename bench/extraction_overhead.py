@@ -41,6 +41,7 @@ from tasks.extract_attention import (  # noqa: E402
     SIGNAL_ATTENTION,
     SignalCollector,
     choose_heads,
+    focus_columns,
     load_signal_teacher,
     parse_heads,
     prepare_problem,

@@ -17,7 +17,6 @@ You see: each read's p50/p95 in ms and the int8 / float32 read time as a median 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -28,36 +27,17 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import torch
 
-from flows.pipeline import artifact_refs, student_inputs
 from mycelium import c3_model, solver, stats
-from mycelium.config import load_config
-from mycelium.store import ArtifactStore
 from tasks import evaluate
 from tasks.train_c2 import student_encoder
-
-DEFAULTS = ["dataset.source=../shared/data/gsm8k/train.jsonl", "eval.dataset=../shared/data/gsm8k/test.jsonl"]
-BOOTSTRAP_RESAMPLES = 2000
-
-
-def percentiles(ms: list[float]) -> str:
-    return f"p50 {np.percentile(ms, 50):6.1f} ms   p95 {np.percentile(ms, 95):6.1f} ms"
+from trained_student import BOOTSTRAP_RESAMPLES, parse_arguments, percentiles, trained_student
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=300, help="problems, the first N of the evaluated dataset")
-    parser.add_argument("--set", action="append", default=[], help="config override, dotted key=value (repeatable)")
-    args = parser.parse_args()
+    args = parse_arguments(__doc__.splitlines()[0], default_n=300)
 
-    cfg = load_config(None, [*DEFAULTS, *args.set])
-    store = ArtifactStore.from_settings()
-    refs = artifact_refs(store, cfg)
-    inputs = student_inputs(refs)
-    missing = [step for step, ref in [*inputs.items(), ("problems_eval", refs["problems_eval"])] if not store.is_complete(ref)]
-    if missing:
-        print(f"bench: no trained student for this config in {store.root} (missing: {', '.join(missing)}); "
-              "run `mycelium run --stages 00-05` with the same --set first", file=sys.stderr)
-        return 2
+    trained = trained_student(args.set)
+    cfg, store, refs, inputs = trained.cfg, trained.store, trained.refs, trained.inputs
     student = evaluate.load_student(store, inputs, cfg)
     settings = evaluate.search_settings(cfg)
     rows = store.read(refs["problems_eval"], "problems").head(args.n).to_dicts()

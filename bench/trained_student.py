@@ -1,0 +1,64 @@
+"""What the student benchmarks share: the config they run under, and the trained student that
+stages 00-05 left in the artifact store for it.
+
+Not a benchmark itself. `bench/student_search.py` and `bench/student_read.py` call
+`parse_arguments` and `trained_student(overrides)`; the latter exits with a one-line message when the store holds no
+student for that config, instead of training one behind the user's back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np
+
+from flows.pipeline import artifact_refs, student_inputs
+from mycelium.config import MyceliumConfig, load_config
+from mycelium.store import ArtifactRef, ArtifactStore
+
+# Resamples for the bootstrap intervals of paired timing ratios (more than the pipeline's
+# 1,000: a bench run is one-off and the ratios are skewed).
+BOOTSTRAP_RESAMPLES = 2000
+# The student benchmarks measure the full run: trained on GSM8K train, read on GSM8K test.
+GSM8K_DEFAULTS = ["dataset.source=../shared/data/gsm8k/train.jsonl", "eval.dataset=../shared/data/gsm8k/test.jsonl"]
+
+
+@dataclass
+class TrainedStudent:
+    cfg: MyceliumConfig
+    store: ArtifactStore
+    refs: dict[str, ArtifactRef]
+    inputs: dict[str, ArtifactRef]   # the stage 04-05 artifacts stage 06 loads
+
+
+def parse_arguments(description: str, default_n: int) -> argparse.Namespace:
+    """--n (the first N problems of the evaluated dataset) and --set (config overrides)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--n", type=int, default=default_n, help="problems, the first N of the evaluated dataset")
+    parser.add_argument("--set", action="append", default=[], help="config override, dotted key=value (repeatable)")
+    return parser.parse_args()
+
+
+def trained_student(overrides: list[str]) -> TrainedStudent:
+    """The config (GSM8K defaults + `overrides`) and the refs of its trained student; exits
+    with code 2 and a one-line message when any of them is missing from the store."""
+    cfg = load_config(None, [*GSM8K_DEFAULTS, *overrides])
+    store = ArtifactStore.from_settings()
+    refs = artifact_refs(store, cfg)
+    inputs = student_inputs(refs)
+    missing = [step for step, ref in [*inputs.items(), ("problems_eval", refs["problems_eval"])] if not store.is_complete(ref)]
+    if missing:
+        print(f"bench: no trained student for this config in {store.root} (missing: {', '.join(missing)}); "
+              "run `mycelium run --stages 00-05` with the same --set first", file=sys.stderr)
+        raise SystemExit(2)
+    return TrainedStudent(cfg, store, refs, inputs)
+
+
+def percentiles(ms: list[float]) -> str:
+    return f"p50 {np.percentile(ms, 50):6.1f} ms   p95 {np.percentile(ms, 95):6.1f} ms"
