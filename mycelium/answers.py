@@ -51,6 +51,7 @@ so `check_math_verify` is safe to call from any thread.
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import re
 from fractions import Fraction
@@ -320,7 +321,8 @@ def _math_verify_helper_main(request_fd: int, reply_fd: int) -> None:
     """Entry point of the math-verify helper: the expression helper's loop, one more operation."""
     # math-verify warns once per process that its timeouts are off; here that is on purpose.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    import math_verify  # noqa: F401 -- imported before "ready", so the first call's time is its own
+    # Imported before "ready", so the first call's time is its own.
+    importlib.import_module("math_verify")
 
     _HELPER_OPERATIONS[MATH_VERIFY_OPERATION] = _math_verify_unbounded
     _helper_main(request_fd, reply_fd)
