@@ -30,8 +30,11 @@ from mycelium.config import load_config
 from mycelium.store import ArtifactStore
 from tasks import evaluate
 from tasks.teacher_cot import select_problems, teacher_subset
+from trained_student import GSM8K_DEFAULTS
 
-DEFAULTS = ["dataset.source=../shared/data/gsm8k/train.jsonl", "eval.dataset=../shared/data/gsm8k/test.jsonl", "eval.teacher_problems=0"]
+# Both students evaluated without the teacher (it does not depend on the student); the subset
+# its chain of thought would run on is recomputed below with the configured teacher_problems.
+DEFAULTS = [*GSM8K_DEFAULTS, "eval.teacher_problems=0"]
 LENGTHS = {"2 steps or fewer": (0, 2), "3 steps": (3, 3), "4 or more": (4, 99)}
 
 
@@ -69,7 +72,7 @@ def main() -> int:
     print(f"B right where A is wrong: {test['only_student']}; A right where B is wrong: {test['only_other']}; McNemar exact p = {test['p_value']:.3g}")
     # The teacher's chain of thought runs on a seeded subset (eval.teacher_problems, default
     # 100); both students on those ids, for a comparison with a teacher run made elsewhere.
-    subset_cfg = load_config(None, [*DEFAULTS[:-1], *args.b])
+    subset_cfg = load_config(None, [*GSM8K_DEFAULTS, *args.b])
     refs = artifact_refs(store, subset_cfg)
     evaluated = select_problems(store, refs["problems_eval"], refs["training_sets"], subset_cfg)["problem_id"].to_list()
     subset = set(teacher_subset(evaluated, subset_cfg))

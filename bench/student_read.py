@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import torch
 
-from mycelium import c3_model, solver, stats
+from mycelium import solver, stats
+from mycelium.reports import format_rate
 from tasks import evaluate
-from tasks.train_c2 import student_encoder
 from trained_student import BOOTSTRAP_RESAMPLES, parse_arguments, percentiles, trained_student
 
 
@@ -37,12 +37,10 @@ def main() -> int:
     args = parse_arguments(__doc__.splitlines()[0], default_n=300)
 
     trained = trained_student(args.set)
-    cfg, store, refs, inputs = trained.cfg, trained.store, trained.refs, trained.inputs
-    student = evaluate.load_student(store, inputs, cfg)
+    cfg, store, refs, student = trained.cfg, trained.store, trained.refs, trained.student
     settings = evaluate.search_settings(cfg)
     rows = store.read(refs["problems_eval"], "problems").head(args.n).to_dicts()
-    full = student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length)
-    quantised = student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length)
+    full, quantised = trained.encoder(), trained.encoder()
     quantised.model = torch.ao.quantization.quantize_dynamic(quantised.model, {torch.nn.Linear}, dtype=torch.qint8)
 
     read_ms = {"float32": [], "int8": []}
@@ -53,7 +51,7 @@ def main() -> int:
         # Alternate which read runs first, so neither always meets a warm cache.
         for name, encoder in [("float32", full), ("int8", quantised)][:: 1 if i % 2 else -1]:
             started = time.perf_counter()
-            problem = c3_model.read_problems(encoder, [str(row["problem"])], cfg.c4.word_to_number, 1, cfg.c3.context_tokens, progress=False)[0]
+            problem = trained.read(encoder, str(row["problem"]))
             read_ms[name].append(1000 * (time.perf_counter() - started))
             answers[name] = evaluate.format_answer(solver.solve(student, problem, settings).answer)
             right[name].append(bool(evaluate.check(answers[name], row.get("answer"), evaluate.is_math_row(row), cfg)["numeric"]))
@@ -62,11 +60,10 @@ def main() -> int:
     n = len(rows)
     ratio = stats.bootstrap_interval(np.array(read_ms["int8"]) / np.array(read_ms["float32"]), statistic=np.median,
                                      resamples=BOOTSTRAP_RESAMPLES, seed=cfg.eval.seed)
-    print(f"{n} problems of {cfg.eval.dataset}, backbone {inputs.get('student_backbone', cfg.c3.backbone)}")
+    print(f"{n} problems of {cfg.eval.dataset}, backbone {trained.inputs.get('student_backbone', cfg.c3.backbone)}")
     for name in read_ms:
         accuracy = stats.rate_with_interval(sum(right[name]), n)
-        print(f"read, {name:<8} {percentiles(read_ms[name])}   student accuracy {accuracy['rate']:.3f} "
-              f"[{accuracy['low']:.3f}, {accuracy['high']:.3f}] ({sum(right[name])}/{n})")
+        print(f"read, {name:<8} {percentiles(read_ms[name])}   student accuracy {format_rate(accuracy)}")
     print(f"int8 / float32 read time: median paired ratio {ratio.estimate:.2f} [{ratio.low:.2f}, {ratio.high:.2f}] (bootstrap 95%, n={ratio.n})")
     test = evaluate.mcnemar(right["int8"], right["float32"])
     print(f"same answer: {same}/{n}; McNemar int8 vs float32 p = {test['p_value']:.3g} ({test['only_student']} vs {test['only_other']} discordant)")

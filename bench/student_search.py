@@ -25,9 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np
 
-from mycelium import c3_model, solver, stats
+from mycelium import solver, stats
 from tasks import evaluate
-from tasks.train_c2 import student_encoder
 from trained_student import BOOTSTRAP_RESAMPLES, parse_arguments, percentiles, trained_student
 
 
@@ -35,22 +34,21 @@ def main() -> int:
     args = parse_arguments(__doc__.splitlines()[0], default_n=300)
 
     trained = trained_student(args.set)
-    cfg, store, refs, inputs = trained.cfg, trained.store, trained.refs, trained.inputs
+    cfg, store, refs, student = trained.cfg, trained.store, trained.refs, trained.student
     if cfg.eval.prune_margin is None:
         print("bench: eval.prune_margin is null; set a margin to compare against the unpruned search", file=sys.stderr)
         return 2
 
-    student = evaluate.load_student(store, inputs, cfg)
     pruned = evaluate.search_settings(cfg)
     unpruned = evaluate.search_settings(cfg)
     unpruned.prune_margin = None
     texts = store.read(refs["problems_eval"], "problems")["problem"].head(args.n).to_list()
-    encoder = student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length)
+    encoder = trained.encoder()
 
     read_ms, pruned_ms, unpruned_ms, same = [], [], [], 0
     for text in texts:
         started = time.perf_counter()
-        problem = c3_model.read_problems(encoder, [text], cfg.c4.word_to_number, 1, cfg.c3.context_tokens, progress=False)[0]
+        problem = trained.read(encoder, text)
         read_ms.append(1000 * (time.perf_counter() - started))
         # Alternate which search runs first, so neither always meets a warm cache.
         order = [(pruned, pruned_ms), (unpruned, unpruned_ms)]

@@ -2,8 +2,9 @@
 stages 00-05 left in the artifact store for it.
 
 Not a benchmark itself. `bench/student_search.py` and `bench/student_read.py` call
-`parse_arguments` and `trained_student(overrides)`; the latter exits with a one-line message when the store holds no
-student for that config, instead of training one behind the user's back.
+`parse_arguments` and `trained_student(overrides)`; the latter exits with a one-line message
+when the store holds no student for that config, instead of training one behind the user's
+back.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 
 from flows.pipeline import artifact_refs, student_inputs
+from mycelium import c3_model, solver
 from mycelium.config import MyceliumConfig, load_config
+from mycelium.encoder import Encoder
 from mycelium.store import ArtifactRef, ArtifactStore
+from tasks import evaluate
+from tasks.train_c2 import student_encoder
 
 # Resamples for the bootstrap intervals of paired timing ratios (more than the pipeline's
 # 1,000: a bench run is one-off and the ratios are skewed).
@@ -35,6 +40,15 @@ class TrainedStudent:
     store: ArtifactStore
     refs: dict[str, ArtifactRef]
     inputs: dict[str, ArtifactRef]   # the stage 04-05 artifacts stage 06 loads
+    student: solver.Student          # C2, C3 and the planner, loaded as stage 06 loads them
+
+    def encoder(self) -> Encoder:
+        """A fresh copy of the backbone the student reads with (the tuned one when stage 04 made it)."""
+        return student_encoder(self.store, self.inputs.get("student_backbone"), self.cfg.c3.backbone, self.cfg.c3.max_length)
+
+    def read(self, encoder: Encoder, text: str) -> c3_model.ProblemText:
+        """One problem read as stage 06 reads it: one text, no progress bar."""
+        return c3_model.read_problems(encoder, [text], self.cfg.c4.word_to_number, 1, self.cfg.c3.context_tokens, progress=False)[0]
 
 
 def parse_arguments(description: str, default_n: int) -> argparse.Namespace:
@@ -57,7 +71,7 @@ def trained_student(overrides: list[str]) -> TrainedStudent:
         print(f"bench: no trained student for this config in {store.root} (missing: {', '.join(missing)}); "
               "run `mycelium run --stages 00-05` with the same --set first", file=sys.stderr)
         raise SystemExit(2)
-    return TrainedStudent(cfg, store, refs, inputs)
+    return TrainedStudent(cfg, store, refs, inputs, evaluate.load_student(store, inputs, cfg))
 
 
 def percentiles(ms: list[float]) -> str:
