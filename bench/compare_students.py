@@ -67,7 +67,7 @@ def main() -> int:
         hard = r.filter(pl.col("n_gold_steps") > 2)["student_ms"]
         print(f"student {name} ({' '.join(overrides) or 'defaults'}): accuracy {rate(int(r['student_correct'].sum()), r.height)}; "
               f"gold among finished chains {rate(int(r['student_in_pool'].sum()), r.height)}; "
-              f"latency p50 {easy.median():.1f} ms (1-2 steps) / {hard.median():.1f} ms (more)")
+              f"latency p50 {easy.median():.1f} ms (1-2 steps, n={easy.len()}) / {hard.median():.1f} ms (more, n={hard.len()})")
     test = evaluate.mcnemar(b["student_correct"].to_list(), a["student_correct"].to_list())
     print(f"B right where A is wrong: {test['only_student']}; A right where B is wrong: {test['only_other']}; McNemar exact p = {test['p_value']:.3g}")
     # The teacher's chain of thought runs on a seeded subset (eval.teacher_problems, default
