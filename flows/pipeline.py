@@ -1,5 +1,5 @@
 """The Mycelium flow: problems → 00 attention traces → 01 heartbeats → 02 steps and
-templates → 03 C2/C3 training sets → 04 C2 training → 05 C3 training → 06 evaluation →
+templates → 03 C2/C3 training sets → 04 C2 training → 05 C3 training and the chain verifier → 06 evaluation →
 report. Every step is a cached Prefect task whose cache key is its
 artifact digest, so
 rerunning with nothing changed recomputes nothing, and a failed or killed run resumes
@@ -29,6 +29,7 @@ from tasks import (
     templates,
     train_c2,
     train_c3,
+    train_verifier,
     training_data,
     tune_backbone,
 )
@@ -83,6 +84,7 @@ def artifact_refs(store: ArtifactStore, cfg: MyceliumConfig) -> dict[str, Artifa
     refs["c3_features"] = train_c3.features_ref(store, cfg.c3, cfg.c4, refs["training_sets"], backbone)
     refs["c3_model"] = train_c3.model_ref(store, cfg.c3, cfg.c4, list(cfg.c2.labels), cfg.eval.beam_width, cfg.eval.max_steps,
                                           refs["training_sets"], refs["c3_features"])
+    refs["verifier"] = train_verifier.verifier_ref(store, cfg, verifier_inputs(refs))
     refs["problems_eval"] = problems.problems_ref(store, eval_dataset_config(cfg))
     refs["teacher_cot"] = teacher_cot.teacher_ref(store, cfg, refs["problems_eval"], refs["training_sets"])
     refs["evaluation"] = evaluate.evaluation_ref(store, cfg, {**student_inputs(refs), "problems": refs["problems_eval"], "teacher": refs["teacher_cot"]})
@@ -96,7 +98,13 @@ def training_inputs(refs: dict[str, ArtifactRef]) -> dict[str, ArtifactRef]:
 
 def student_inputs(refs: dict[str, ArtifactRef]) -> dict[str, ArtifactRef]:
     """The artifacts the trained student is loaded from (`evaluate.load_student`)."""
-    return {step: refs[step] for step in ("training_sets", "c2_features", "c2_model", "c3_model", "student_backbone") if step in refs}
+    return {step: refs[step] for step in ("training_sets", "c2_features", "c2_model", "c3_model", "student_backbone", "verifier") if step in refs}
+
+
+def verifier_inputs(refs: dict[str, ArtifactRef]) -> dict[str, ArtifactRef]:
+    """What the chain verifier trains from: the student before it, its cached problem reads, gold answers."""
+    return {step: refs[step] for step in ("problems", "training_sets", "c2_features", "c2_model", "c3_features", "c3_model", "student_backbone")
+            if step in refs}
 
 
 @flow(name="mycelium")
@@ -163,9 +171,12 @@ def mycelium(
             _require(store, backbone_ref, "04", "05")
         step(train_c3.features_task, c3_features_ref, training_ref, cfg.c3, cfg.c4, backbone_ref)
         step(train_c3.train_task, c3_model_ref, training_ref, c3_features_ref, cfg.c3, cfg.c4, cfg.c2, cfg.eval.beam_width, cfg.eval.max_steps)
+        if "04" not in selected:
+            _require(store, c2_model_ref, "04", "05")
+        step(train_verifier.train_task, refs["verifier"], verifier_inputs(refs), cfg)
 
     if "06" in selected:
-        for stage, ref in (("04", c2_model_ref), ("05", c3_model_ref)):
+        for stage, ref in (("04", c2_model_ref), ("05", c3_model_ref), ("05", refs["verifier"])):
             if stage not in selected:
                 _require(store, ref, stage, "06")
         if eval_problems_ref != problems_ref:
@@ -194,6 +205,7 @@ def mycelium(
         sections.append(train_c2.report_section(store, c2_model_ref, list(cfg.c2.labels)))
     if "05" in selected:
         sections.append(train_c3.report_section(store, c3_model_ref))
+        sections.append(train_verifier.report_section(store, refs["verifier"]))
     if "06" in selected:
         sections.append(evaluate.report_section(store, evaluation_ref))
     title = f"# Mycelium run — stages {stages}{' (smoke)' if smoke else ''}\n"

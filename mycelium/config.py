@@ -240,6 +240,19 @@ class EvalConfig(Section):
     teacher_problems: int = Field(ge=0)
     teacher_max_new_tokens: int = Field(ge=1)
     easy_max_steps: int = Field(ge=1)
+    rerank: bool = False
+    seed: int
+
+
+class VerifierConfig(Section):
+    hidden_size: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    input_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    learning_rate: float = Field(gt=0.0)
+    weight_decay: float = Field(ge=0.0)
+    batch_problems: int = Field(ge=1)
+    max_epochs: int = Field(ge=1)
+    early_stopping_patience: int = Field(ge=1)
     seed: int
 
 
@@ -264,6 +277,7 @@ class MyceliumConfig(Section):
     c3: C3Config
     c4: C4Config
     eval: EvalConfig
+    verifier: VerifierConfig
     storage: StorageConfig
     smoke: dict[str, Any] = Field(default_factory=dict)
 

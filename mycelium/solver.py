@@ -36,6 +36,8 @@ The search (a beam over partial chains, bounded by `eval.mcts_max_paths` finishe
      counts chains, `top1` takes the best chain; an answer that is a positive whole number
      gets `eval.numerical_consistency_boost` added to its log-weight (7,469 of GSM8K train's
      7,473 answers are; MATH's often are not, which the boost then leaves alone).
+     With `eval.rerank` and a chain verifier from stage 05 (`mycelium/verifier.py`), the
+     finished chains' scores are the verifier's logits instead of the search's before the vote.
 
 C4 here runs compiled skeletons: each distinct skeleton is parsed once through the bounded
 whitelist parser (`mycelium.expressions`) with its slots as symbols, and then evaluated by a
@@ -61,6 +63,7 @@ import torch
 from mycelium import c2_model, c3_model
 from mycelium.expressions import ExpressionError, parse_expression
 from mycelium.planner import PlannerVocabulary, StepPlanner, next_steps, state_vector
+from mycelium.verifier import ChainVerifier, encode_pool, score_pool
 
 SLOT_SYMBOLS = string.ascii_lowercase  # skeleton slot i is parsed as the i-th letter
 MAX_FACTORIAL = 170  # the largest n whose factorial is a finite float
@@ -165,6 +168,7 @@ class SearchSettings:
     planner_top_k: int = 6  # skeletons the planner proposes per step
     planner_uses_c2: bool = False  # a planned chain also adds C2's log P(its label set)
     prune_margin: float | None = None  # drop partial chains this far below the best finished one; None: keep all
+    rerank: bool = False  # the chain verifier (stage 05) re-scores the finished chains before the vote, when the student has one
 
 
 @dataclass
@@ -177,6 +181,7 @@ class Student:
     unused_log_prior: list[float] = field(default_factory=list)  # log P(k written numbers unused), stage 05
     planner: StepPlanner | None = None  # next skeleton or STOP (stage 05), for step_choice "planner"
     planner_vocab: PlannerVocabulary | None = None
+    verifier: ChainVerifier | None = None  # re-scores finished chains (stage 05), for settings.rerank
 
 
 @dataclass
@@ -220,7 +225,7 @@ class Solution:
         return "; ".join(parts)
 
 
-def _answer_key(value: float, digits: int) -> float:
+def answer_key(value: float, digits: int) -> float:
     return float(f"{value:.{digits}g}")
 
 
@@ -419,7 +424,7 @@ def vote(chains: Sequence[Chain], settings: SearchSettings) -> list[tuple[float,
     weights: dict[float, float] = defaultdict(float)
     best = max((c.score for c in chains), default=0.0)
     for rank, chain in enumerate(chains):
-        key = _answer_key(chain.steps[-1].value, settings.answer_digits)
+        key = answer_key(chain.steps[-1].value, settings.answer_digits)
         boost = settings.numerical_consistency_boost if key > 0 and float(key).is_integer() else 0.0
         if settings.voting == "weighted":
             weights[key] += math.exp(chain.score - best + boost)
@@ -442,19 +447,41 @@ def executable_labels(student: Student, labels: Sequence[str], probabilities: np
     return usable[:max_steps]
 
 
+def problem_labels(student: Student, problem: c3_model.ProblemText, settings: SearchSettings) -> tuple[list[str], np.ndarray]:
+    """C2's executable labels for the problem (at most `max_steps`, most probable first) and all
+    its label probabilities."""
+    labels, probabilities = predict_labels(student, problem.pooled, settings.threshold)
+    return executable_labels(student, labels, probabilities, settings.max_steps), probabilities
+
+
+def find_chains(student: Student, problem: c3_model.ProblemText, labels: Sequence[str], probabilities: np.ndarray, settings: SearchSettings,
+                plan: Sequence[tuple[str, str]] | None = None) -> list[Chain]:
+    """The finished chains, best first, of the search the settings choose (the planner's, or
+    over C2's `labels`), or of `plan`'s fixed steps. Scores are the search's own; see `rerank`."""
+    if plan is None and settings.step_choice == "planner" and student.planner is not None:
+        return planned_search(student, problem, probabilities, settings)
+    return search(student, problem, [label for label, _ in plan] if plan is not None else labels, probabilities, settings, plan)
+
+
+def rerank(student: Student, problem: c3_model.ProblemText, chains: Sequence[Chain]) -> list[Chain]:
+    """The same chains, each scored by the chain verifier instead of the search, best first."""
+    if not chains or student.verifier is None:
+        return list(chains)
+    scores = score_pool(student.verifier, encode_pool(problem, chains, student.verifier.vocab))
+    return sorted((Chain(chain.steps, float(score)) for chain, score in zip(chains, scores, strict=True)), key=lambda c: -c.score)
+
+
 def solve(student: Student, problem: c3_model.ProblemText, settings: SearchSettings, plan=None, started: float | None = None) -> Solution:
     started = time.perf_counter() if started is None else started
-    labels, probabilities = predict_labels(student, problem.pooled, settings.threshold)
-    labels = executable_labels(student, labels, probabilities, settings.max_steps)
+    labels, probabilities = problem_labels(student, problem, settings)
     if plan is not None:
         labels = [label for label, _ in plan]
-    if plan is None and settings.step_choice == "planner" and student.planner is not None:
-        chains = planned_search(student, problem, probabilities, settings)
-    else:
-        chains = search(student, problem, labels, probabilities, settings, plan)
+    chains = find_chains(student, problem, labels, probabilities, settings, plan)
+    if plan is None and settings.rerank:
+        chains = rerank(student, problem, chains)
     ranked = vote(chains, settings)
     answer = ranked[0][0] if ranked else None
-    best_chain = next((c for c in chains if answer is not None and _answer_key(c.steps[-1].value, settings.answer_digits) == answer), None)
+    best_chain = next((c for c in chains if answer is not None and answer_key(c.steps[-1].value, settings.answer_digits) == answer), None)
     return Solution(answer, ranked, best_chain, list(labels), probabilities.tolist(), len(chains), time.perf_counter() - started)
 
 

@@ -3,7 +3,7 @@
 Reads:  the evaluation problems (the held-out validation split of the training set, or any
         dataset through `eval.dataset`: GSM8K test, MATH-500, a JSONL with question and answer
         fields), the tuned backbone and the C2 model (stage 04; the student reads each problem
-        once with that backbone), the C3 model and features (stage 05), the training
+        once with that backbone), the C3 model, features and chain verifier (stage 05), the training
         sets (stage 03: skeletons per label, the nearest-neighbour pool), the teacher, and the
         `eval`, `c2`, `c3`, `c4`, `steps`, `teacher` config sections.
 Writes: artifact `teacher_cot` (table `answers`: the teacher's generated text, extracted answer
@@ -20,7 +20,9 @@ student against each; correct-in-beam@k; the share of problems where the search 
 valid chain; latency p50/p95 for easy and hard problems; per MATH level and subject.
 
 Systems, on the same problem ids:
-  student    C2 labels → beam search over chains (C3 operands, C4 arithmetic) → voted answer.
+  student    C2 labels → beam search over chains (C3 operands, C4 arithmetic) → the chain
+             verifier re-scores the finished chains (stage 05, when it beat the search on
+             validation; `eval.rerank`) → voted answer.
   teacher    the teacher generates its chain of thought (greedy); its final answer is
              extracted (boxed, ####, "the answer is", else the last number).
   nearest    the most similar training problem (cosine of the same MiniLM embedding) lends
@@ -55,6 +57,7 @@ from mycelium import (
     solver,
     stats,
     steps,
+    verifier,
 )
 from mycelium.config import MyceliumConfig
 from mycelium.reports import ReportSection
@@ -80,7 +83,7 @@ MATH_SOURCE = "math"
 
 
 def _code_version() -> str:
-    return source_code_version(sys.modules[__name__], solver, c3_model, c2_model, planner, answers, provenance)
+    return source_code_version(sys.modules[__name__], solver, c3_model, c2_model, planner, answers, provenance, verifier)
 
 
 def evaluation_ref(store: ArtifactStore, cfg: MyceliumConfig, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
@@ -116,8 +119,10 @@ def load_student(store: ArtifactStore, inputs: dict[str, ArtifactRef], cfg: Myce
     files = store.manifest(inputs["c3_model"]).files
     plan_model, plan_vocab = (planner.load_planner({name: store.read_file(inputs["c3_model"], name) for name in ("planner.safetensors", "planner_config.json")})
                               if "planner.safetensors" in files else (None, None))
+    chain_verifier = (verifier.load_verifier({name: store.read_file(inputs["verifier"], name) for name in ("verifier.safetensors", "verifier_config.json")})
+                      if "verifier" in inputs else None)
     return solver.Student(heads, list(c2_config["labels"]), pointer, vocab, by_label, list(c3_config.get("unused_mentions_log_prior", [])),
-                          plan_model, plan_vocab)
+                          plan_model, plan_vocab, chain_verifier)
 
 
 def search_settings(cfg: MyceliumConfig) -> solver.SearchSettings:
@@ -125,7 +130,7 @@ def search_settings(cfg: MyceliumConfig) -> solver.SearchSettings:
     return solver.SearchSettings(cfg.c2.threshold, e.beam_width, e.mcts_max_paths, e.max_steps, e.skeletons_per_label, e.voting,
                                  e.numerical_consistency_boost, e.simplicity_penalty, cfg.steps.expression_timeout_s,
                                  cfg.steps.max_expression_length, dict(cfg.c4.domain_constants), e.answer_digits, e.require_all_labels,
-                                 e.coverage_prior, e.step_choice, e.planner_top_k, e.planner_uses_c2, e.prune_margin)
+                                 e.coverage_prior, e.step_choice, e.planner_top_k, e.planner_uses_c2, e.prune_margin, e.rerank)
 
 
 # --- checking answers ----------------------------------------------------------------------------------

@@ -263,6 +263,7 @@ def test_stages_05_06_train_c3_and_evaluate_then_eval_another_dataset(local_root
     report = store.fs.cat_file(report_path).decode()
     assert "## Stage 05" in report and "## Stage 06" in report and "McNemar" in report
     assert summary["planner_top1"]["n"] >= 2 and "Step planner" in report  # a state per gold step, and STOP
+    assert "## Stage 05 — chain verifier" in report and summary["verifier_search_right"]["n"] == n
 
     # `mycelium eval --dataset` on a JSONL with its own field names: a text that must never
     # run, a gold solution whose arithmetic would never finish, and an ordinary problem.
@@ -292,7 +293,8 @@ def test_stages_05_06_train_c3_and_evaluate_then_eval_another_dataset(local_root
 def test_a_search_setting_reuses_the_cached_teacher_chain_of_thought(local_root):
     run_flow(STUDENT, stages="00-06")
     _, changed, _ = run_flow([*STUDENT, "eval.voting=majority"], stages="00-06")
-    assert changed["steps_computed"] == ["evaluation"]
+    # the verifier keeps the epoch whose scores vote best, so it follows the voting rule too
+    assert changed["steps_computed"] == ["verifier", "evaluation"]
     assert "teacher_cot" in changed["steps_cached"]
 
 
