@@ -457,10 +457,11 @@ def problem_labels(student: Student, problem: c3_model.ProblemText, settings: Se
 def find_chains(student: Student, problem: c3_model.ProblemText, labels: Sequence[str], probabilities: np.ndarray, settings: SearchSettings,
                 plan: Sequence[tuple[str, str]] | None = None) -> list[Chain]:
     """The finished chains, best first, of the search the settings choose (the planner's, or
-    over C2's `labels`), or of `plan`'s fixed steps. Scores are the search's own; see `rerank`."""
+    over `labels`), or of `plan`'s fixed steps (then `labels` are the plan's). Scores are the
+    search's own; see `rerank`."""
     if plan is None and settings.step_choice == "planner" and student.planner is not None:
         return planned_search(student, problem, probabilities, settings)
-    return search(student, problem, [label for label, _ in plan] if plan is not None else labels, probabilities, settings, plan)
+    return search(student, problem, labels, probabilities, settings, plan)
 
 
 def rerank(student: Student, problem: c3_model.ProblemText, chains: Sequence[Chain]) -> list[Chain]:

@@ -103,20 +103,16 @@ def build_verifier(ref: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: Myceli
     encoded = {split: [(verifier.encode_pool(e["problem"], e["chains"], vocab), e["right"]) if e["chains"] else None for e in pools[split]]
                for split in pools}
 
-    def count_right(model: verifier.ChainVerifier | None) -> int:
-        right = 0
-        for entry, item in zip(pools["validation"], encoded["validation"], strict=True):
-            if item is None:
-                continue
-            scores = [c.score for c in entry["chains"]] if model is None else verifier.score_pool(model, item[0])
-            right += right_after_vote(entry, scores, settings)
-        return right
+    def outcomes(model: verifier.ChainVerifier | None) -> list[bool]:
+        """Per validation problem: right after the vote over the model's scores (None: the search's)."""
+        return [item is not None and right_after_vote(entry, [c.score for c in entry["chains"]] if model is None else verifier.score_pool(model, item[0]), settings)
+                for entry, item in zip(pools["validation"], encoded["validation"], strict=True)]
 
     dim = len(next(iter(problems.values())).pooled)
     train = [item for item in encoded["train"] if item is not None]
     validation = [item for item in encoded["validation"] if item is not None]
     log(f"verifier: {len(verifier.mixed(train))} of {len(ids['train'])} training pools hold a right and a wrong chain")
-    result = verifier.train_verifier(train, validation, vocab, dim, cfg.verifier, count_right, log=log)
+    result = verifier.train_verifier(train, validation, vocab, dim, cfg.verifier, lambda model: sum(outcomes(model)), log=log)
     n_validation = len(ids["validation"])
     summary = {
         "n_train_problems": len(ids["train"]), "n_train_mixed": len(verifier.mixed(train)), "n_validation_problems": n_validation,
@@ -125,7 +121,7 @@ def build_verifier(ref: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: Myceli
         "verifier_right": stats.rate_with_interval(result.verifier_right, n_validation),
         "beats_search": result.beats_search, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
     }
-    summary["mcnemar"] = evaluate.mcnemar(*paired_right(pools["validation"], encoded["validation"], result.model, settings))
+    summary["mcnemar"] = evaluate.mcnemar(outcomes(result.model), outcomes(None))
     for name, data in verifier.save_verifier(result, vocab, dim, cfg.verifier).items():
         store.write_file(ref, name, data)
     with tempfile.TemporaryDirectory() as folder:
@@ -135,15 +131,6 @@ def build_verifier(ref: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: Myceli
     store.write_file(ref, "summary.json", json.dumps(summary, indent=2, default=float).encode())
     store.write_table(ref, {"history": pl.DataFrame(result.history)}, metadata={"best_epoch": result.best_epoch})
     return summary
-
-
-def paired_right(pools: list[dict], encoded: list, model: verifier.ChainVerifier, settings: solver.SearchSettings) -> tuple[list[bool], list[bool]]:
-    """Per validation problem: right with the verifier's scores, right with the search's."""
-    with_verifier, with_search = [], []
-    for entry, item in zip(pools, encoded, strict=True):
-        with_verifier.append(item is not None and right_after_vote(entry, verifier.score_pool(model, item[0]), settings))
-        with_search.append(item is not None and right_after_vote(entry, [c.score for c in entry["chains"]], settings))
-    return with_verifier, with_search
 
 
 @task(name="verifier-train")
