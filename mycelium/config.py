@@ -254,6 +254,7 @@ class VerifierConfig(Section):
     max_epochs: int = Field(ge=1)
     early_stopping_patience: int = Field(ge=1)
     seed: int
+    pool_beam_width: int = Field(ge=1)
 
 
 class StorageConfig(Section):

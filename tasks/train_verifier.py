@@ -9,7 +9,9 @@ Writes: artifact `verifier` with `verifier.safetensors`, `verifier_config.json` 
         and whether it beat the search's own ranking on validation — stage 06 uses it only
         then), `training_curve.png`, `summary.json` and table `history`.
 Time:   full GSM8K train on 2 CPU cores: reading the ~1,700 problems without C3 slots ~1 min,
-        the student's search over all ~7k ~6 min, then ~20 s per epoch. The sample: seconds.
+        the student's search over the ~6.3k training problems at `verifier.pool_beam_width` 20
+        ~10 min and over the ~700 validation ones at stage 06's beam ~40 s, then ~30 s per
+        epoch. The sample: seconds.
 You should see: how many training pools hold both a right and a wrong chain (the only ones a
 ranking can change), the validation problems answered right by the search's own ranking,
 then per epoch the listwise loss and the validation count with the verifier's scores.
@@ -17,6 +19,7 @@ then per epoch the listwise loss and the validation count with the verifier's sc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -58,10 +61,10 @@ def verifier_vocabulary(pools: list[dict], cfg: MyceliumConfig) -> verifier.Veri
 
 
 def search_pools(student: solver.Student, problems: dict[str, c3_model.ProblemText], gold: dict[str, str], ids: list[str],
-                 cfg: MyceliumConfig, desc: str) -> list[dict]:
-    """The student's finished chains for each problem, each marked right or wrong against the
-    gold answer (the numeric check of stage 06)."""
-    settings = evaluate.search_settings(cfg)
+                 cfg: MyceliumConfig, beam_width: int, desc: str) -> list[dict]:
+    """The student's finished chains for each problem, from stage 06's search with `beam_width`,
+    each marked right or wrong against the gold answer (the numeric check of stage 06)."""
+    settings = dataclasses.replace(evaluate.search_settings(cfg), beam_width=beam_width)
     pools = []
     for problem_id in tqdm(ids, desc=desc, unit="problem"):
         problem = problems[problem_id]
@@ -98,7 +101,12 @@ def build_verifier(ref: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: Myceli
         problems.update(zip(unread, read, strict=True))
     split_of = dict(c2.select("problem_id", "split").iter_rows())
     ids = {split: sorted(p for p in problems if split_of.get(p) == split and gold.get(p) is not None) for split in ("train", "validation")}
-    pools = {split: search_pools(student, problems, gold, ids[split], cfg, f"verifier: the student searches {split} problems") for split in ids}
+    # Training pools come from a wider search than stage 06's (more of them hold a right chain, and
+    # their wrong chains are more varied); validation pools from stage 06's own, since the epoch
+    # and whether to use the verifier at all are chosen on what stage 06 will see.
+    beam = {"train": cfg.verifier.pool_beam_width, "validation": cfg.eval.beam_width}
+    pools = {split: search_pools(student, problems, gold, ids[split], cfg, beam[split], f"verifier: the student searches {split} problems (beam {beam[split]})")
+             for split in ids}
     vocab = verifier_vocabulary(pools["train"], cfg)
     encoded = {split: [(verifier.encode_pool(e["problem"], e["chains"], vocab), e["right"]) if e["chains"] else None for e in pools[split]]
                for split in pools}
@@ -120,6 +128,7 @@ def build_verifier(ref: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: Myceli
         "search_right": stats.rate_with_interval(result.search_right, n_validation),
         "verifier_right": stats.rate_with_interval(result.verifier_right, n_validation),
         "beats_search": result.beats_search, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+        "pool_beam_width": beam["train"], "validation_beam_width": beam["validation"],
     }
     summary["mcnemar"] = evaluate.mcnemar(outcomes(result.model), outcomes(None))
     for name, data in verifier.save_verifier(result, vocab, dim, cfg.verifier).items():
@@ -149,7 +158,8 @@ def report_section(store: ArtifactStore, ref: ArtifactRef) -> ReportSection:
         "## Stage 05 — chain verifier",
         "",
         f"Trained on the student's finished chains for {s['n_train_problems']} training problems ({s['n_train_mixed']} with both a right and "
-        f"a wrong chain); best epoch {s['best_epoch']} of {s['epochs_run']}; {used}.",
+        f"a wrong chain; search beam {s['pool_beam_width']}, validation at stage 06's {s['validation_beam_width']}); "
+        f"best epoch {s['best_epoch']} of {s['epochs_run']}; {used}.",
         "",
         "| validation | answers right |",
         "|---|---|",

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from mycelium.config import Settings
+from mycelium.config import Settings, load_config
 from mycelium.store import ArtifactStore
 
 # Four problems in two chunks, with named heads so the 270-head ranking is not needed here
@@ -264,6 +264,8 @@ def test_stages_05_06_train_c3_and_evaluate_then_eval_another_dataset(local_root
     assert "## Stage 05" in report and "## Stage 06" in report and "McNemar" in report
     assert summary["planner_top1"]["n"] >= 2 and "Step planner" in report  # a state per gold step, and STOP
     assert "## Stage 05 — chain verifier" in report and summary["verifier_search_right"]["n"] == n
+    defaults = load_config(None, [])  # the verifier learns from a wider search than stage 06 runs, and says so
+    assert f"search beam {defaults.verifier.pool_beam_width}, validation at stage 06's {defaults.eval.beam_width}" in report
 
     # `mycelium eval --dataset` on a JSONL with its own field names: a text that must never
     # run, a gold solution whose arithmetic would never finish, and an ordinary problem.
