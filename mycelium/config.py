@@ -239,6 +239,8 @@ class EvalConfig(Section):
     check_timeout_s: float = Field(gt=0.0)
     teacher_problems: int = Field(ge=0)
     teacher_max_new_tokens: int = Field(ge=1)
+    teacher_batch_size: int = Field(ge=1)
+    teacher_latency_problems: int = Field(ge=0)
     easy_max_steps: int = Field(ge=1)
     rerank: bool = False
     seed: int

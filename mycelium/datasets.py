@@ -2,9 +2,11 @@
 
 `load_problems(cfg, storage_options, limit)` reads `cfg.source`, which is one of
 
-- `embedded:sample` — the GSM8K + MATH sample shipped in `mycelium/data/sample/` (also
-  `embedded:gsm8k` / `embedded:math` for one half). The two files are interleaved so that any
-  prefix holds both in about their overall proportion, with a MATH row by the fourth row;
+- `embedded:sample` — the GSM8K + MATH sample shipped in `mycelium/data/sample/`: 300 GSM8K
+  and 50 MATH train problems interleaved so that any prefix of those 350 holds both in about
+  their overall proportion, with a MATH row by the fourth row, then 2,700 more GSM8K train
+  problems; `embedded:gsm8k` / `embedded:math` for one part, `embedded:gsm8k-test` for the
+  500 GSM8K test problems that `make run` evaluates on;
 - a local `.jsonl`, `.json` (a list of objects, or JSON lines) or `.parquet` file;
 - an `s3://bucket/key.ext` path (any fsspec URL works the same way), read with
   `storage_options` (s3fs keywords: key, secret, client_kwargs={"endpoint_url": ...});
@@ -66,8 +68,15 @@ SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet")
 # Suffixes that mark a name as a file path (so a missing file is reported as missing, not
 # looked up on the hub); hub dataset names do not end in these.
 FILE_LIKE_SUFFIXES = SUPPORTED_EXTENSIONS + (".csv", ".tsv", ".txt", ".gz", ".zip", ".arrow", ".xlsx", ".ndjson")
-EMBEDDED_FILES = {"gsm8k": "gsm8k_sample.jsonl", "math": "math_sample.jsonl"}
-EMBEDDED_SOURCES = {"sample": ("gsm8k", "math"), "gsm8k": ("gsm8k",), "math": ("math",)}
+# Each embedded source is a list of groups of (file, source label); the files of a group are
+# interleaved, and the groups follow one another. `sample` keeps its first 350 rows (the
+# interleaved GSM8K + MATH pair) in the same order however much is appended after them.
+EMBEDDED_SOURCES = {
+    "sample": ((("gsm8k_sample.jsonl", "gsm8k"), ("math_sample.jsonl", "math")), (("gsm8k_more.jsonl", "gsm8k"),)),
+    "gsm8k": ((("gsm8k_sample.jsonl", "gsm8k"),), (("gsm8k_more.jsonl", "gsm8k"),)),
+    "math": ((("math_sample.jsonl", "math"),),),
+    "gsm8k-test": ((("gsm8k_test_sample.jsonl", "gsm8k"),),),
+}
 GSM8K_ANSWER_MARKER = "####"
 LEVEL_PATTERN = re.compile(r"^\s*(?:level\s*)?(\d+)\s*$", re.IGNORECASE)
 INT8_MAX = 127
@@ -109,6 +118,7 @@ class _Batch:
     input_name: str
     source_label: str
     rows: list[_RawRow] = field(default_factory=list)
+    group: int = 0  # batches of one group are interleaved; groups follow one another
 
 
 def problem_id(problem_text: str) -> str:
@@ -280,13 +290,13 @@ def _read_embedded(source: str) -> list[_Batch]:
         raise DatasetError(f"{source}: unknown embedded dataset; choose one of {known}")
     folder = resources.files("mycelium").joinpath("data", "sample")
     batches = []
-    for label in EMBEDDED_SOURCES[which]:
-        file_name = EMBEDDED_FILES[label]
-        try:
-            data = folder.joinpath(file_name).read_bytes()
-        except OSError:
-            raise DatasetError(f"{source}: the package is missing mycelium/data/sample/{file_name}; reinstall mycelium") from None
-        batches.append(_Batch(file_name, label, _rows_from_bytes(data, ".jsonl", file_name)))
+    for group, files in enumerate(EMBEDDED_SOURCES[which]):
+        for file_name, label in files:
+            try:
+                data = folder.joinpath(file_name).read_bytes()
+            except OSError:
+                raise DatasetError(f"{source}: the package is missing mycelium/data/sample/{file_name}; reinstall mycelium") from None
+            batches.append(_Batch(file_name, label, _rows_from_bytes(data, ".jsonl", file_name), group))
     return batches
 
 
@@ -404,6 +414,8 @@ def _interleave(groups: list[list[tuple]]) -> list[tuple]:
 
     Item i of a group of n sits at position (i + 0.5) / n on [0, 1); ties go to the earlier group.
     """
+    if len(groups) == 1:
+        return groups[0]
     keyed = [((i + 0.5) / len(group), g, i, item) for g, group in enumerate(groups) for i, item in enumerate(group)]
     return [item for *_, item in sorted(keyed, key=lambda k: k[:3])]
 
@@ -415,7 +427,7 @@ def load_problems(cfg: DatasetConfig, storage_options: dict | None = None, limit
         raise DatasetError(f"{cfg.source}: empty dataset (no rows)")
 
     # Normalise each input on its own (columns can differ), then merge in row order.
-    per_batch: list[list[tuple]] = []
+    per_group: dict[int, list[list[tuple]]] = {}
     for batch in batches:
         columns_seen = {key for raw in batch.rows if raw.record for key in raw.record}
         columns = _resolve_columns(cfg.fields, columns_seen)
@@ -426,8 +438,8 @@ def load_problems(cfg: DatasetConfig, storage_options: dict | None = None, limit
             else:
                 row, reason = _normalise_row(raw.record, columns, batch.source_label)
                 normalised.append((batch.input_name, raw.row_number, row, reason))
-        per_batch.append(normalised)
-    merged = per_batch[0] if len(per_batch) == 1 else _interleave(per_batch)
+        per_group.setdefault(batch.group, []).append(normalised)
+    merged = [row for group in sorted(per_group) for row in _interleave(per_group[group])]
 
     kept: list[dict[str, Any]] = []
     malformed: list[dict[str, Any]] = []

@@ -91,16 +91,26 @@ def test_embedded_sample_interleaves_and_has_math_early(dataset_cfg):
     frame = loaded.frame
     assert loaded.malformed.height == 0
     counts = frame["source"].value_counts().sort("source")
-    assert dict(zip(counts["source"], counts["count"])) == {"gsm8k": 300, "math": 50}
+    assert dict(zip(counts["source"], counts["count"])) == {"gsm8k": 3000, "math": 50}
     assert "math" in frame["source"].head(4).to_list()
-    # Every prefix keeps about the overall 1:6 proportion.
-    for prefix in (14, 70, 140):
+    # Every prefix of the first 350 keeps about their 1:6 proportion; the 2,700 appended
+    # GSM8K problems come after all of them, so that prefix is the old sample, unchanged.
+    for prefix in (14, 70, 140, 350):
         share = (frame["source"].head(prefix) == "math").mean()
         assert abs(share - 50 / 350) <= 1 / 14
+    assert frame["source"].slice(350).unique().to_list() == ["gsm8k"]
     math = frame.filter(pl.col("source") == "math")
     assert sorted(math["level"].value_counts()["count"].to_list()) == [10] * 5
     assert math["subject"].n_unique() >= 5
     assert frame["problem_id"].n_unique() == frame.height
+
+
+def test_embedded_test_sample_is_gsm8k_test_and_shares_no_problem_with_training(dataset_cfg):
+    test = load_problems(with_source(dataset_cfg, "embedded:gsm8k-test")).frame
+    train = load_problems(with_source(dataset_cfg, "embedded:sample")).frame
+    assert test.height == 500 and set(test["source"]) == {"gsm8k"}
+    assert test.join(train, on="problem_id", how="semi").height == 0
+    assert load_config().eval.dataset == "embedded:gsm8k-test"  # what `make run` evaluates on
 
 
 def test_limit_keeps_the_first_rows(dataset_cfg):

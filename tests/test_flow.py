@@ -311,5 +311,5 @@ def test_retraining_does_not_redo_the_teacher_on_an_external_dataset(tmp_path):
     trained_once, trained_again = store.ref("training_sets", "a" * 20), store.ref("training_sets", "b" * 20)
     external = load_config(None, ["eval.dataset=../shared/data/gsm8k/test.jsonl"])
     assert teacher_ref(store, external, problems, trained_once) == teacher_ref(store, external, problems, trained_again)
-    held_out = load_config(None)
+    held_out = load_config(None, ["eval.dataset=null"])
     assert teacher_ref(store, held_out, problems, trained_once) != teacher_ref(store, held_out, problems, trained_again)

@@ -106,3 +106,28 @@ def test_two_processes_converting_at_once_leave_one_usable_folder(tmp_path, conf
     assert embedded_teacher_folder("smollm2-135m-instruct", fresh_cache) == folder
     loaded = load_teacher(config.teacher, fresh_cache)
     assert loaded.n_layers == 30
+
+
+def _short_generation(config, **eval_settings):
+    return config.model_copy(update={"eval": config.eval.model_copy(update={"teacher_max_new_tokens": 24, **eval_settings})})
+
+
+def test_batched_chain_of_thought_writes_what_one_at_a_time_writes(teacher, config, problems):
+    from tasks.teacher_cot import greedy_texts
+
+    cfg = _short_generation(config)
+    texts = problems["problem"].to_list()  # three prompts of different lengths: the batch is padded
+    one_at_a_time = [greedy_texts(teacher, [text], cfg)[0] for text in texts]
+    assert all(one_at_a_time)
+    assert greedy_texts(teacher, texts, cfg) == one_at_a_time
+
+
+def test_only_the_problems_run_one_at_a_time_carry_a_latency(config, cache_dir, problems, monkeypatch):
+    from tasks.teacher_cot import teacher_answers
+
+    monkeypatch.setenv("MYCELIUM_CACHE_DIR", str(cache_dir))
+    cfg = _short_generation(config, teacher_latency_problems=1, teacher_batch_size=2)
+    outputs = teacher_answers(cfg, problems["problem"].to_list(), progress=False)
+    assert len(outputs) == 3 and all(text for _, text, _ in outputs)
+    seconds = [s for *_, s in outputs]
+    assert seconds[0] > 0 and seconds[1:] == [None, None]

@@ -4,6 +4,11 @@
 
 - gsm8k_sample.jsonl: 300 problems from gsm8k/train.jsonl at evenly spaced row numbers
   (row i*N//300 for i = 0..299), fields kept as in the source (question, answer).
+- gsm8k_more.jsonl: 2,700 more GSM8K train problems, evenly spaced over the rows the first
+  file did not take (the loader appends them after the interleaved 350, so every prefix of
+  the first 350, `--smoke` included, is unchanged).
+- gsm8k_test_sample.jsonl: 500 problems from gsm8k/test.jsonl at evenly spaced row numbers,
+  the held-out set `make run` evaluates on (`eval.dataset: embedded:gsm8k-test`).
 - math_sample.jsonl: 50 problems from math/train.jsonl, 10 per level 1-5. Within a level the
   subjects take turns (alphabetical order), each giving its shortest remaining solution, so the
   sample mixes subjects and stays cheap for a CPU teacher. Rows are written level 1,2,3,4,5,1,...
@@ -22,6 +27,8 @@ from pathlib import Path
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"
 GSM8K_COUNT = 300
+GSM8K_MORE_COUNT = 2700
+GSM8K_TEST_COUNT = 500
 MATH_PER_LEVEL = 10
 MATH_LEVELS = (1, 2, 3, 4, 5)
 
@@ -41,6 +48,11 @@ def pick_gsm8k(rows: list[dict], count: int) -> list[dict]:
     if len(rows) < count:
         raise SystemExit(f"gsm8k: need {count} rows, found {len(rows)}")
     return [rows[i * len(rows) // count] for i in range(count)]
+
+
+def pick_more_gsm8k(rows: list[dict], already: list[dict], count: int) -> list[dict]:
+    taken = {row["question"] for row in already}
+    return pick_gsm8k([row for row in rows if row["question"] not in taken], count)
 
 
 def pick_math(rows: list[dict], per_level: int) -> list[dict]:
@@ -68,11 +80,16 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     args = parser.parse_args()
     SAMPLE_DIR.mkdir(parents=True, exist_ok=True)
-    gsm8k = pick_gsm8k(read_jsonl(args.data_root / "gsm8k" / "train.jsonl"), GSM8K_COUNT)
+    gsm8k_train = read_jsonl(args.data_root / "gsm8k" / "train.jsonl")
+    gsm8k = pick_gsm8k(gsm8k_train, GSM8K_COUNT)
+    more = pick_more_gsm8k(gsm8k_train, gsm8k, GSM8K_MORE_COUNT)
+    test = pick_gsm8k(read_jsonl(args.data_root / "gsm8k" / "test.jsonl"), GSM8K_TEST_COUNT)
     math_rows = pick_math(read_jsonl(args.data_root / "math" / "train.jsonl"), MATH_PER_LEVEL)
     write_jsonl(gsm8k, SAMPLE_DIR / "gsm8k_sample.jsonl")
+    write_jsonl(more, SAMPLE_DIR / "gsm8k_more.jsonl")
+    write_jsonl(test, SAMPLE_DIR / "gsm8k_test_sample.jsonl")
     write_jsonl(math_rows, SAMPLE_DIR / "math_sample.jsonl")
-    print(f"wrote {len(gsm8k)} GSM8K and {len(math_rows)} MATH problems to {SAMPLE_DIR}")
+    print(f"wrote {len(gsm8k)} + {len(more)} GSM8K train, {len(test)} GSM8K test and {len(math_rows)} MATH problems to {SAMPLE_DIR}")
 
 
 if __name__ == "__main__":
