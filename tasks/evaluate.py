@@ -2,12 +2,13 @@
 
 Reads:  the evaluation problems (`eval.dataset`: by default the 500 GSM8K test problems
         shipped with the package; null: the held-out validation split of the training set; or
-        any dataset: GSM8K test, MATH-500, a JSONL with question and answer fields), the tuned backbone and the C2 model (stage 04; the student reads each problem
-        once with that backbone), the C3 model, features and chain verifier (stage 05), the training
-        sets (stage 03: skeletons per label, the nearest-neighbour pool), the teacher, and the
-        `eval`, `c2`, `c3`, `c4`, `steps`, `teacher` config sections.
+        any dataset: GSM8K test, MATH-500, a JSONL with question and answer fields), the tuned
+        backbone and the C2 model (stage 04; the student reads each problem once with it), the
+        C3 model, features and chain verifier (stage 05), the training sets (stage 03:
+        skeletons per label, the nearest-neighbour pool), the teacher, and the `eval`, `c2`,
+        `c3`, `c4`, `steps`, `teacher` config sections.
 Writes: artifact `teacher_cot` (table `answers`: the teacher's generated text, extracted answer
-        and seconds per problem of its subset — cached apart, since it is the slow part) and
+        and, for its timed problems, seconds — cached apart, since it is the slow part) and
         artifact `evaluation` with table `results` (one row per problem: gold, every system's
         answer and correctness, the student's labels, chain and latency) and files
         `summary.json`, `accuracy.png`.

@@ -313,3 +313,16 @@ def test_retraining_does_not_redo_the_teacher_on_an_external_dataset(tmp_path):
     assert teacher_ref(store, external, problems, trained_once) == teacher_ref(store, external, problems, trained_again)
     held_out = load_config(None, ["eval.dataset=null"])
     assert teacher_ref(store, held_out, problems, trained_once) != teacher_ref(store, held_out, problems, trained_again)
+
+
+def test_teacher_only_settings_do_not_retrain_the_verifier(tmp_path):
+    """The chain verifier learns from the student's searches; how the teacher's baseline is run
+    (how many problems, batched or timed) must not cost its ~20 minutes again."""
+    from tasks.train_verifier import verifier_ref
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    inputs = {name: store.ref(name, name[0] * 20) for name in ("c3_model", "training_sets")}
+    base = verifier_ref(store, load_config(None), inputs)
+    teacher_only = ["eval.teacher_problems=7", "eval.teacher_batch_size=4", "eval.teacher_latency_problems=0", "eval.teacher_max_new_tokens=9"]
+    assert verifier_ref(store, load_config(None, teacher_only), inputs) == base
+    assert verifier_ref(store, load_config(None, ["eval.beam_width=5"]), inputs) != base
