@@ -257,7 +257,7 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
         if row["problem_id"] in teacher_out:
             t_answer, t_text, t_seconds = teacher_out[row["problem_id"]]
             record.update(teacher_answer=t_answer, teacher_correct=correct(check(t_answer, row.get("answer"), is_math, cfg), is_math),
-                          teacher_ms=t_seconds * 1000.0, teacher_text=t_text)
+                          teacher_ms=None if t_seconds is None else t_seconds * 1000.0, teacher_text=t_text)
         records.append(record)
     results = pl.DataFrame(records, schema=RESULTS_SCHEMA)
     return results, summarise(results, cfg)

@@ -55,7 +55,7 @@ def select_problems(store: ArtifactStore, eval_problems: ArtifactRef, training_s
 
 
 def teacher_ref(store: ArtifactStore, cfg: MyceliumConfig, eval_problems: ArtifactRef, training_sets: ArtifactRef) -> ArtifactRef:
-    """The teacher's chain of thought is its own artifact: ~15 min for 200 problems on a CPU,
+    """The teacher's chain of thought is its own artifact: ~17 min for 100 problems on a CPU,
     so a change to the student's search must not redo it, and neither must retraining when the
     problems come from `eval.dataset` (only the held-out split depends on the training sets)."""
     payload = {"teacher": {k: v for k, v in cfg.teacher.digest_payload().items() if k not in ("device", "torch_threads")},

@@ -245,7 +245,8 @@ STUDENT = [
     "training_data.split_seed=2",  # two of the four problems in each split (see the stage 04 test)
     "c2.max_epochs=2",
     "c3.max_epochs=2",
-    "eval.teacher_problems=1",
+    "eval.teacher_problems=2",
+    "eval.teacher_latency_problems=1",  # one timed alone, one batched (untimed)
     "eval.teacher_max_new_tokens=8",
 ]
 
@@ -257,7 +258,8 @@ def test_stages_05_06_train_c3_and_evaluate_then_eval_another_dataset(local_root
     n = summary["eval_n_problems"]
     assert n == summary["c2_n_validation"] == 2  # the held-out split
     assert summary["eval_student_accuracy"]["n"] == summary["eval_nearest_accuracy"]["n"] == n
-    assert summary["eval_teacher_accuracy"]["n"] == 1
+    assert summary["eval_teacher_accuracy"]["n"] == 2
+    assert summary["eval_latency_teacher_all"]["n"] == summary["eval_teacher_over_student_latency_n"] == 1
     # The oracle (gold steps and operands through C4) gets GSM8K problems right by construction.
     assert summary["eval_oracle_accuracy"]["correct"] == summary["eval_oracle_accuracy"]["n"] == n
     report = store.fs.cat_file(report_path).decode()
