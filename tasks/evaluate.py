@@ -14,7 +14,7 @@ Writes: artifact `teacher_cot` (table `answers`: the teacher's generated text, e
         `summary.json`, `accuracy.png`.
 Time:   the student: one MiniLM pass per problem plus the search, ~10-100 ms on 2 CPU cores.
         The teacher's chain of thought (tasks/teacher_cot.py): the `eval.teacher_problems`
-        subset (200 by default, batched after the first 10) costs ~12-20 min on 2 CPU cores.
+        subset (200 by default, batched after the first 10) costs ~15-30 min on 2 CPU cores.
 You should see: accuracy with count and 95% Wilson interval for the student, the teacher's own
 chain of thought, the nearest-neighbour baseline and the oracle; McNemar p-values of the
 student against each; correct-in-beam@k; the share of problems where the search found any
