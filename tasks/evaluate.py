@@ -322,20 +322,20 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, rates, lows, highs, counts = [], [], [], [], []
-    for system in SYSTEMS:
-        a = summary[f"{system}_accuracy"]
-        if a["n"]:
-            names.append(f"{system}\n(n={a['n']})")
-            rates.append(a["accuracy"])
-            lows.append(a["accuracy"] - a["low"])
-            highs.append(a["high"] - a["accuracy"])
-            counts.append(a["n"])
-    figure, axis = plt.subplots(figsize=(7, 4))
-    axis.bar(names, rates, yerr=[lows, highs], capsize=6, color=["#4c72b0", "#dd8452", "#55a868", "#8172b3"][: len(names)])
+    # The teacher answers a subset, so the student's bar on that same subset stands beside it.
+    bars = [("student", summary["student_accuracy"], "#4c72b0"),
+            ("student on the\nteacher's subset", summary["student_accuracy_on_teacher_subset"], "#a6bddb"),
+            ("teacher", summary["teacher_accuracy"], "#dd8452"),
+            ("nearest", summary["nearest_accuracy"], "#55a868"),
+            ("oracle", summary["oracle_accuracy"], "#8172b3")]
+    bars = [(name, a, colour) for name, a, colour in bars if a["n"]]
+    figure, axis = plt.subplots(figsize=(8, 4))
+    axis.bar([f"{name}\n(n={a['n']})" for name, a, _ in bars], [a["accuracy"] for _, a, _ in bars],
+             yerr=[[a["accuracy"] - a["low"] for _, a, _ in bars], [a["high"] - a["accuracy"] for _, a, _ in bars]],
+             capsize=6, color=[colour for *_, colour in bars])
     axis.set_ylabel("accuracy (95% Wilson interval)")
     axis.set_ylim(0, 1)
-    axis.set_title("Stage 06: accuracy on the same problems")
+    axis.set_title("Stage 06: accuracy on the evaluated problems (the teacher on a seeded subset)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
