@@ -1,18 +1,22 @@
-"""The student's backbone read in float32 against the same backbone with int8 dynamic
-quantisation of its linear layers, side by side on the same problems in one run.
+"""The student's backbone read three ways, side by side on the same problems in one run:
+PyTorch eager float32 (the reference: what trained the heads), ONNX Runtime float32 (stage
+06's default, `eval.backbone_runtime: onnxruntime`) and PyTorch with int8 dynamic
+quantisation of the linear layers.
 
 Reads:  config.yaml (+ `--set` overrides) and the trained student in the artifact store (by
         default trained on GSM8K train, evaluated on GSM8K test; run stages 00-05 on GSM8K
-        train first). Writes nothing.
-Time:   ~1-2 minutes for 300 problems on 2 CPU cores.
-You see: each read's p50/p95 in ms and the int8 / float32 read time as a median paired ratio
-        with a bootstrap 95% interval; then what the quantised features do to the answers:
-        how often the two give the same answer, and each one's accuracy (Wilson 95%) with
-        McNemar's exact p on the same problems. The C2/C3/planner heads were trained on
-        float32 features, so the int8 column is the cost of reading with a model the heads
-        never saw; it is a measurement, not a setting the pipeline uses.
+        train first; `--set dataset.source=embedded:sample --set eval.dataset=embedded:gsm8k-test`
+        measures the `make run` student). Writes nothing (the ONNX export goes to the cache
+        folder, as in stage 06).
+Time:   ~1-3 minutes for 300 problems on 2 CPU cores.
+You see: each read's p50/p95 in ms and its time over the PyTorch float32 read as a median
+        paired ratio with a bootstrap 95% interval; then what each read does to the answers:
+        how often it gives the reference's answer, the largest difference in the features it
+        hands the heads, and each one's accuracy (Wilson 95%) with McNemar's exact p against
+        the reference on the same problems. The heads were trained on PyTorch float32
+        features, so a read that changes them is a read the heads never saw.
 
-    python bench/student_read.py [--n 300]
+    python bench/student_read.py [--n 300] [--set ...]
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from mycelium.reports import format_rate
 from tasks import evaluate
 from trained_student import BOOTSTRAP_RESAMPLES, parse_arguments, percentiles, trained_student
 
+REFERENCE = "torch float32"
+
 
 def main() -> int:
     args = parse_arguments(__doc__.splitlines()[0], default_n=300)
@@ -40,33 +46,49 @@ def main() -> int:
     cfg, store, refs, student = trained.cfg, trained.store, trained.refs, trained.student
     settings = evaluate.search_settings(cfg)
     rows = store.read(refs["problems_eval"], "problems").head(args.n).to_dicts()
-    full, quantised = trained.encoder(), trained.encoder()
+    quantised = trained.encoder("torch")
     quantised.model = torch.ao.quantization.quantize_dynamic(quantised.model, {torch.nn.Linear}, dtype=torch.qint8)
+    readers = {REFERENCE: trained.encoder("torch"), "onnxruntime float32": trained.encoder("onnxruntime"), "torch int8": quantised}
+    for encoder in readers.values():  # one untimed read each: first-call allocations are not a problem's cost
+        trained.read(encoder, str(rows[0]["problem"]))
 
-    read_ms = {"float32": [], "int8": []}
-    right = {"float32": [], "int8": []}
-    same = 0
+    read_ms = {name: [] for name in readers}
+    right = {name: [] for name in readers}
+    same = dict.fromkeys(readers, 0)
+    largest_difference = dict.fromkeys(readers, 0.0)
     for i, row in enumerate(rows):
-        answers = {}
-        # Alternate which read runs first, so neither always meets a warm cache.
-        for name, encoder in [("float32", full), ("int8", quantised)][:: 1 if i % 2 else -1]:
+        answers, problems = {}, {}
+        # Rotate which read runs first, so none always meets a warm cache.
+        order = list(readers.items())
+        shift = i % len(order)
+        for name, encoder in order[shift:] + order[:shift]:
             started = time.perf_counter()
-            problem = trained.read(encoder, str(row["problem"]))
+            problems[name] = trained.read(encoder, str(row["problem"]))
             read_ms[name].append(1000 * (time.perf_counter() - started))
-            answers[name] = evaluate.format_answer(solver.solve(student, problem, settings).answer)
+            answers[name] = evaluate.format_answer(solver.solve(student, problems[name], settings).answer)
             right[name].append(bool(evaluate.check(answers[name], row.get("answer"), evaluate.is_math_row(row), cfg)["numeric"]))
-        same += answers["float32"] == answers["int8"]
+        reference = problems[REFERENCE]
+        for name in readers:
+            same[name] += answers[name] == answers[REFERENCE]
+            difference = float(np.abs(problems[name].pooled - reference.pooled).max())
+            if len(reference.features):
+                difference = max(difference, float(np.abs(problems[name].features - reference.features).max()))
+            largest_difference[name] = max(largest_difference[name], difference)
 
     n = len(rows)
-    ratio = stats.bootstrap_interval(np.array(read_ms["int8"]) / np.array(read_ms["float32"]), statistic=np.median,
-                                     resamples=BOOTSTRAP_RESAMPLES, seed=cfg.eval.seed)
-    print(f"{n} problems of {cfg.eval.dataset}, backbone {trained.inputs.get('student_backbone', cfg.c3.backbone)}")
-    for name in read_ms:
+    print(f"{n} problems of {cfg.eval.dataset}, backbone {trained.inputs.get('student_backbone', cfg.c3.backbone)}, {torch.get_num_threads()} threads")
+    for name in readers:
         accuracy = stats.rate_with_interval(sum(right[name]), n)
-        print(f"read, {name:<8} {percentiles(read_ms[name])}   student accuracy {format_rate(accuracy)}")
-    print(f"int8 / float32 read time: median paired ratio {ratio.estimate:.2f} [{ratio.low:.2f}, {ratio.high:.2f}] (bootstrap 95%, n={ratio.n})")
-    test = evaluate.mcnemar(right["int8"], right["float32"])
-    print(f"same answer: {same}/{n}; McNemar int8 vs float32 p = {test['p_value']:.3g} ({test['only_student']} vs {test['only_other']} discordant)")
+        print(f"read, {name:<20} {percentiles(read_ms[name])}   student accuracy {format_rate(accuracy)}")
+    for name in readers:
+        if name == REFERENCE:
+            continue
+        ratio = stats.bootstrap_interval(np.array(read_ms[name]) / np.array(read_ms[REFERENCE]), statistic=np.median,
+                                         resamples=BOOTSTRAP_RESAMPLES, seed=cfg.eval.seed)
+        test = evaluate.mcnemar(right[name], right[REFERENCE])
+        print(f"{name} / {REFERENCE} read time: median paired ratio {ratio.estimate:.2f} [{ratio.low:.2f}, {ratio.high:.2f}] "
+              f"(bootstrap 95%, n={ratio.n}); same answer {same[name]}/{n}; largest feature difference {largest_difference[name]:.1e}; "
+              f"McNemar p = {test['p_value']:.3g} ({test['only_student']} vs {test['only_other']} discordant)")
     return 0
 
 

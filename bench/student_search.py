@@ -7,8 +7,9 @@ Reads:  config.yaml (+ `--set` overrides) and the trained student in the artifac
         on GSM8K train, evaluated on GSM8K test; run stages 00-05 on GSM8K train first).
 Writes: nothing.
 Time:   ~1-2 minutes for 300 problems on 2 CPU cores.
-You see: for each part its p50/p95 in ms; the pruned / unpruned search time and the search
-        with / without the verifier's re-scoring as median paired ratios with bootstrap 95%
+You see: for each part its p50/p95 in ms (the read runs as stage 06 runs it,
+        `eval.backbone_runtime`); the pruned / unpruned search time and the search with /
+        without the verifier's re-scoring as median paired ratios with bootstrap 95%
         intervals; how often the variants give the default's answer (pruning never changes the
         best chain, only how much the far-behind chains add to the vote; the verifier changes
         which chain wins); and read + search against the issue's 15 ms (1-2 step) target.
@@ -71,7 +72,7 @@ def main() -> int:
 
     n = len(texts)
     print(f"{n} problems of {cfg.eval.dataset}, student from {refs['c3_model'].digest}, {1 + len(variants)} searches per problem")
-    print(f"backbone read (MiniLM, one problem)   {percentiles(read_ms)}")
+    print(f"backbone read (one problem, {cfg.eval.backbone_runtime:<11})  {percentiles(read_ms)}")
     verifier_note = "with the verifier" if "no verifier" in variants else "no verifier in this student"
     print(f"search, prune_margin={cfg.eval.prune_margin:<4g} ({verifier_note})  {percentiles(default_ms)}")
     for name in variants:

@@ -21,8 +21,9 @@ import numpy as np
 
 from flows.pipeline import artifact_refs, student_inputs
 from mycelium import c3_model, solver
-from mycelium.config import MyceliumConfig, load_config
+from mycelium.config import MyceliumConfig, Settings, load_config
 from mycelium.encoder import Encoder
+from mycelium.onnx_read import reading_encoder
 from mycelium.store import ArtifactRef, ArtifactStore
 from tasks import evaluate
 from tasks.train_c2 import student_encoder
@@ -42,9 +43,11 @@ class TrainedStudent:
     inputs: dict[str, ArtifactRef]   # the stage 04-05 artifacts stage 06 loads
     student: solver.Student          # C2, C3 and the planner, loaded as stage 06 loads them
 
-    def encoder(self) -> Encoder:
-        """A fresh copy of the backbone the student reads with (the tuned one when stage 04 made it)."""
-        return student_encoder(self.store, self.inputs.get("student_backbone"), self.cfg.c3.backbone, self.cfg.c3.max_length)
+    def encoder(self, runtime: str | None = None) -> Encoder:
+        """A fresh copy of the backbone the student reads with (the tuned one when stage 04 made
+        it), run by `runtime` (default: `eval.backbone_runtime`, as stage 06 runs it)."""
+        encoder = student_encoder(self.store, self.inputs.get("student_backbone"), self.cfg.c3.backbone, self.cfg.c3.max_length)
+        return reading_encoder(encoder, runtime or self.cfg.eval.backbone_runtime, Settings().cache_dir)
 
     def read(self, encoder: Encoder, text: str) -> c3_model.ProblemText:
         """One problem read as stage 06 reads it: one text, no progress bar."""

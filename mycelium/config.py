@@ -243,6 +243,7 @@ class EvalConfig(Section):
     teacher_latency_problems: int = Field(ge=0)
     easy_max_steps: int = Field(ge=1)
     rerank: bool = False
+    backbone_runtime: Literal["onnxruntime", "torch"] = "torch"
     seed: int
 
 

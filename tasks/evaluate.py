@@ -12,7 +12,8 @@ Writes: artifact `teacher_cot` (table `answers`: the teacher's generated text, e
         artifact `evaluation` with table `results` (one row per problem: gold, every system's
         answer and correctness, the student's labels, chain and latency) and files
         `summary.json`, `accuracy.png`.
-Time:   the student: one MiniLM pass per problem plus the search, ~10-100 ms on 2 CPU cores.
+Time:   the student: one MiniLM pass per problem (ONNX Runtime by default, `eval.backbone_runtime`;
+        exported once, ~10 s) plus the search, ~10-100 ms on 2 CPU cores.
         The teacher's chain of thought (tasks/teacher_cot.py): the `eval.teacher_problems`
         subset (200 by default, batched after the first 10) costs ~15-30 min on 2 CPU cores.
 You should see: accuracy with count and 95% Wilson interval for the student, the teacher's own
@@ -53,6 +54,7 @@ from mycelium import (
     answers,
     c2_model,
     c3_model,
+    onnx_read,
     planner,
     provenance,
     solver,
@@ -60,7 +62,7 @@ from mycelium import (
     steps,
     verifier,
 )
-from mycelium.config import MyceliumConfig
+from mycelium.config import MyceliumConfig, Settings
 from mycelium.reports import ReportSection
 from mycelium.store import (
     ArtifactRef,
@@ -84,7 +86,7 @@ MATH_SOURCE = "math"
 
 
 def _code_version() -> str:
-    return source_code_version(sys.modules[__name__], solver, c3_model, c2_model, planner, answers, provenance, verifier)
+    return source_code_version(sys.modules[__name__], solver, c3_model, c2_model, planner, answers, provenance, verifier, onnx_read)
 
 
 def evaluation_ref(store: ArtifactStore, cfg: MyceliumConfig, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
@@ -204,7 +206,8 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
     prov_settings = settings_from(cfg.training_data, cfg.c4, cfg.steps)
     step_settings = steps.StepSettings(timeout_s=cfg.steps.expression_timeout_s, max_length=cfg.steps.max_expression_length,
                                        rel_tol=cfg.steps.result_rel_tol, pow_subtypes=list(cfg.ib.pow_subtypes), labels=list(cfg.c2.labels))
-    encoder = student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length)
+    encoder = onnx_read.reading_encoder(student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length),
+                                        cfg.eval.backbone_runtime, Settings().cache_dir)
     rows = problems.to_dicts()
     # The backbone reads every problem once; timed per problem inside the student's latency.
     texts, read_seconds = [], []

@@ -301,6 +301,16 @@ def test_a_search_setting_reuses_the_cached_teacher_chain_of_thought(local_root)
     assert changed["steps_computed"] == ["verifier", "evaluation"]
     assert "teacher_cot" in changed["steps_cached"]
 
+    # Reading the problems with PyTorch instead of ONNX Runtime redoes only stage 06, and the
+    # student, reading the same features to float rounding, answers the same.
+    _, eager, store = run_flow([*STUDENT, "eval.voting=majority", "eval.backbone_runtime=torch"], stages="00-06")
+    assert eager["steps_computed"] == ["evaluation"]
+    manifests = sorted(store.fs.glob(posixpath.join(store.root, "artifacts", "evaluation", "*", "manifest.json")), key=store.fs.modified)
+    onnx_read, torch_read = (pl.concat([pl.read_parquet(store.fs.cat_file(part)) for part in store.fs.glob(posixpath.join(posixpath.dirname(m), "results", "*.parquet"))]).sort("problem_id")
+                             for m in manifests[-2:])
+    for column in ("problem_id", "student_answer", "student_labels", "student_expression", "nearest_answer"):
+        assert onnx_read[column].to_list() == torch_read[column].to_list(), column
+
 
 def test_retraining_does_not_redo_the_teacher_on_an_external_dataset(tmp_path):
     """The teacher's answers on `eval.dataset` do not depend on the training sets; on the
@@ -325,6 +335,7 @@ def test_teacher_only_settings_do_not_retrain_the_verifier(tmp_path):
     store = ArtifactStore(str(tmp_path / "store"))
     inputs = {name: store.ref(name, name[0] * 20) for name in ("c3_model", "training_sets")}
     base = verifier_ref(store, load_config(None), inputs)
-    teacher_only = ["eval.teacher_problems=7", "eval.teacher_batch_size=4", "eval.teacher_latency_problems=0", "eval.teacher_max_new_tokens=9"]
+    teacher_only = ["eval.teacher_problems=7", "eval.teacher_batch_size=4", "eval.teacher_latency_problems=0", "eval.teacher_max_new_tokens=9",
+                    "eval.backbone_runtime=torch"]  # stage 06's read; the verifier's training pools are read by PyTorch
     assert verifier_ref(store, load_config(None, teacher_only), inputs) == base
     assert verifier_ref(store, load_config(None, ["eval.beam_width=5"]), inputs) != base

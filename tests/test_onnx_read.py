@@ -1,0 +1,78 @@
+"""The student's backbone read through ONNX Runtime: the same features as PyTorch, exported
+once per set of weights, a damaged cache repaired, a bad setting refused in one line."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mycelium import c3_model, onnx_read
+from mycelium.config import load_config
+from mycelium.encoder import embed_texts, load_encoder
+from mycelium.errors import ConfigError
+
+CONFIG = load_config(None, [])
+PROBLEMS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did she sell altogether?",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
+    "Two thirds of 27 is what?",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def readers(cache_dir):
+    reference = load_encoder(CONFIG.c3.backbone, CONFIG.c3.max_length)
+    return reference, onnx_read.onnx_encoder(reference, cache_dir)
+
+
+def test_the_onnx_read_gives_pytorch_features_in_a_padded_batch(readers):
+    reference, fast = readers
+    words = dict(CONFIG.c4.word_to_number)
+    slow_read = c3_model.read_problems(reference, PROBLEMS, words, batch_size=3, context_tokens=CONFIG.c3.context_tokens, progress=False)
+    fast_read = c3_model.read_problems(fast, PROBLEMS, words, batch_size=3, context_tokens=CONFIG.c3.context_tokens, progress=False)
+    for slow, quick in zip(slow_read, fast_read, strict=True):
+        assert [c.span_start for c in quick.candidates] == [c.span_start for c in slow.candidates]
+        assert np.abs(quick.pooled - slow.pooled).max() < 1e-4
+        assert np.abs(quick.features - slow.features).max() < 1e-4
+    # the embeddings of the nearest-neighbour baseline too, one text at a time and batched
+    assert np.abs(embed_texts(fast, PROBLEMS, 1, progress=False) - embed_texts(reference, PROBLEMS, 3, progress=False)).max() < 1e-4
+
+
+def test_the_export_is_cached_per_set_of_weights(readers, cache_dir):
+    reference, _ = readers
+    graphs = list((os.path.join(cache_dir, "onnx", key, onnx_read.GRAPH_FILE) for key in os.listdir(os.path.join(cache_dir, "onnx"))))
+    assert len(graphs) == 1
+    written = os.stat(graphs[0]).st_mtime_ns
+    onnx_read.onnx_encoder(reference, cache_dir)
+    assert os.stat(graphs[0]).st_mtime_ns == written  # read again, not exported again
+
+    changed = load_encoder(CONFIG.c3.backbone, CONFIG.c3.max_length)
+    with torch.no_grad():
+        changed.model.embeddings.LayerNorm.bias.add_(0.5)  # other weights (a tuned backbone): another graph
+    assert onnx_read.weights_key(changed.model) != onnx_read.weights_key(reference.model)
+
+
+def test_a_damaged_cached_graph_is_exported_again(tmp_path):
+    reference = load_encoder(CONFIG.c3.backbone, CONFIG.c3.max_length)
+    graph = tmp_path / "onnx" / onnx_read.weights_key(reference.model) / onnx_read.GRAPH_FILE
+    graph.parent.mkdir(parents=True)
+    graph.write_bytes(b"half a graph")
+    fast = onnx_read.onnx_encoder(reference, str(tmp_path))
+    assert graph.stat().st_size > 1_000_000
+    problem = c3_model.read_problems(fast, PROBLEMS[:1], dict(CONFIG.c4.word_to_number), 1, CONFIG.c3.context_tokens, progress=False)[0]
+    assert [c.value for c in problem.candidates if c.kind == c3_model.TEXT][:1] == [48.0]
+
+
+def test_torch_runtime_is_the_encoder_itself_and_a_bad_runtime_is_one_line(readers, cache_dir):
+    reference, _ = readers
+    assert onnx_read.reading_encoder(reference, "torch", cache_dir) is reference
+    with pytest.raises(ConfigError, match="eval.backbone_runtime"):
+        load_config(None, ["eval.backbone_runtime=tensorrt"])
