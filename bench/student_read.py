@@ -1,7 +1,9 @@
-"""The student's backbone read three ways, side by side on the same problems in one run:
+"""The student's backbone read four ways, side by side on the same problems in one run:
 PyTorch eager float32 (the reference: what trained the heads), ONNX Runtime float32 (stage
-06's default, `eval.backbone_runtime: onnxruntime`) and PyTorch with int8 dynamic
-quantisation of the linear layers.
+06's default, `eval.backbone_runtime: onnxruntime`), and two lower-precision reads that stage
+06 does not offer, kept here because they were measured and lost: PyTorch under bfloat16
+autocast (matrix products in bfloat16; this CPU multiplies bfloat16 natively) and PyTorch with
+int8 dynamic quantisation of the linear layers.
 
 Reads:  config.yaml (+ `--set` overrides) and the trained student in the artifact store (by
         default trained on GSM8K train, evaluated on GSM8K test; run stages 00-05 on GSM8K
@@ -24,6 +26,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,6 +42,18 @@ from trained_student import BOOTSTRAP_RESAMPLES, parse_arguments, percentiles, t
 REFERENCE = "torch float32"
 
 
+class AutocastRead:
+    """The Hugging Face encoder under bfloat16 autocast, answering like it (float32 states out)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.device = model, model.device
+
+    def __call__(self, **inputs) -> SimpleNamespace:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            hidden = self.model(**inputs).last_hidden_state
+        return SimpleNamespace(last_hidden_state=hidden.float())
+
+
 def main() -> int:
     args = parse_arguments(__doc__.splitlines()[0], default_n=300)
 
@@ -48,7 +63,9 @@ def main() -> int:
     rows = store.read(refs["problems_eval"], "problems").head(args.n).to_dicts()
     quantised = trained.encoder("torch")
     quantised.model = torch.ao.quantization.quantize_dynamic(quantised.model, {torch.nn.Linear}, dtype=torch.qint8)
-    readers = {REFERENCE: trained.encoder("torch"), "onnxruntime float32": trained.encoder("onnxruntime"), "torch int8": quantised}
+    half = trained.encoder("torch")
+    half.model = AutocastRead(half.model)
+    readers = {REFERENCE: trained.encoder("torch"), "onnxruntime float32": trained.encoder("onnxruntime"), "torch bfloat16": half, "torch int8": quantised}
     for encoder in readers.values():  # one untimed read each: first-call allocations are not a problem's cost
         trained.read(encoder, str(rows[0]["problem"]))
 

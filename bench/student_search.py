@@ -10,9 +10,10 @@ Time:   ~1-2 minutes for 300 problems on 2 CPU cores.
 You see: for each part its p50/p95 in ms (the read runs as stage 06 runs it,
         `eval.backbone_runtime`); the pruned / unpruned search time and the search with /
         without the verifier's re-scoring as median paired ratios with bootstrap 95%
-        intervals; how often the variants give the default's answer (pruning never changes the
-        best chain, only how much the far-behind chains add to the vote; the verifier changes
-        which chain wins); and read + search against the issue's 15 ms (1-2 step) target.
+        intervals; how often the variants give the default's answer and how many each gets right
+        (pruning never changes the best chain, only how much the far-behind chains add to the
+        vote; the verifier changes which chain wins); and read + search against the issue's
+        15 ms (1-2 step) target.
 
     python bench/student_search.py [--n 300] [--set eval.prune_margin=2.0] [--set eval.rerank=false]
 """
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 
 from mycelium import solver, stats
+from mycelium.reports import format_rate
 from tasks import evaluate
 from trained_student import BOOTSTRAP_RESAMPLES, parse_arguments, percentiles, trained_student
 
@@ -49,13 +51,15 @@ def main() -> int:
     if pruned.rerank and student.verifier is not None:
         variants["no verifier"] = evaluate.search_settings(cfg)
         variants["no verifier"].rerank = False
-    texts = store.read(refs["problems_eval"], "problems")["problem"].head(args.n).to_list()
+    rows = store.read(refs["problems_eval"], "problems").head(args.n).to_dicts()
+    texts = [str(row["problem"]) for row in rows]
     encoder = trained.encoder()
 
     read_ms, default_ms = [], []
     variant_ms = {name: [] for name in variants}
     same = dict.fromkeys(variants, 0)
-    for text in texts:
+    right: dict[str, list[bool]] = {name: [] for name in ["default", *variants]}
+    for row, text in zip(rows, texts, strict=True):
         started = time.perf_counter()
         problem = trained.read(encoder, text)
         read_ms.append(1000 * (time.perf_counter() - started))
@@ -69,19 +73,24 @@ def main() -> int:
             sink.append(1000 * (time.perf_counter() - started))
         for name in variants:
             same[name] += answers[name] == answers["default"]
+        for name, answer in answers.items():
+            checked = evaluate.check(evaluate.format_answer(answer), row.get("answer"), evaluate.is_math_row(row), cfg)
+            right[name].append(evaluate.correct(checked, evaluate.is_math_row(row)))
 
     n = len(texts)
     print(f"{n} problems of {cfg.eval.dataset}, student from {refs['c3_model'].digest}, {1 + len(variants)} searches per problem")
     print(f"backbone read (one problem, {cfg.eval.backbone_runtime:<11})  {percentiles(read_ms)}")
     verifier_note = "with the verifier" if "no verifier" in variants else "no verifier in this student"
-    print(f"search, prune_margin={cfg.eval.prune_margin:<4g} ({verifier_note})  {percentiles(default_ms)}")
+    print(f"search, prune_margin={cfg.eval.prune_margin:<4g} ({verifier_note})  {percentiles(default_ms)}   "
+          f"right {format_rate(stats.rate_with_interval(sum(right['default']), n))}")
     for name in variants:
         # median of per-problem ratios, percentile bootstrap over problems
         ratio = stats.bootstrap_interval(np.array(default_ms) / np.array(variant_ms[name]), statistic=np.median, resamples=BOOTSTRAP_RESAMPLES,
                                          seed=cfg.eval.seed)
         print(f"search, {name:<29} {percentiles(variant_ms[name])}")
         print(f"  default / {name} search time: median paired ratio {ratio.estimate:.2f} [{ratio.low:.2f}, {ratio.high:.2f}] "
-              f"(bootstrap 95%, n={ratio.n}); same answer as the default {same[name]}/{n}")
+              f"(bootstrap 95%, n={ratio.n}); same answer as the default {same[name]}/{n}; right "
+              f"{format_rate(stats.rate_with_interval(sum(right[name]), n))}, McNemar p = {evaluate.mcnemar(right['default'], right[name])['p_value']:.3g}")
     total = np.array(read_ms) + np.array(default_ms)
     print(f"read + default search: {percentiles(list(total))} (issue target for 1-2 step problems: p50 <= 15 ms)")
     return 0

@@ -72,7 +72,8 @@ def trained_student(overrides: list[str]) -> TrainedStudent:
     missing = [step for step, ref in [*inputs.items(), ("problems_eval", refs["problems_eval"])] if not store.is_complete(ref)]
     if missing:
         print(f"bench: no trained student for this config in {store.root} (missing: {', '.join(missing)}); "
-              "run `mycelium run --stages 00-05` with the same --set first", file=sys.stderr)
+              "run `mycelium run` with the same --set first (`--stages 06 --set eval.teacher_problems=0` after stages 00-05 "
+              "adds the evaluated problems in a minute)", file=sys.stderr)
         raise SystemExit(2)
     return TrainedStudent(cfg, store, refs, inputs, evaluate.load_student(store, inputs, cfg))
 

@@ -252,8 +252,8 @@ def ranked_proposals(student: Student, problem: c3_model.ProblemText, chains: Se
     n_prior = len(chains[0].steps)
     kept = [[(label, logp, skeleton, compiled[1]) for label, logp, skeleton in chain_options
              if (compiled := compile_skeleton(skeleton, settings.timeout_s, settings.max_length)) is not None] for chain_options in options]
-    tables = [c3_model.candidate_table(problem, n_prior, list(range(n_prior)), chain.values(), settings.domain_constants, student.vocab, chain_uses(chain))
-              for chain in chains]
+    tables = c3_model.candidate_tables(problem, n_prior, [chain.values() for chain in chains], settings.domain_constants, student.vocab,
+                                       [chain_uses(chain) for chain in chains])
     scored = c3_model.score_beam(student.c3, problem, tables, [[(label, skeleton, arity) for label, _, skeleton, arity in chain_options] for chain_options in kept],
                                  n_prior, n_prior, student.vocab, settings.beam_width)
     where, totals = [], []  # (chain, option, tuple) and score of every proposal, in chain → option → tuple order

@@ -263,7 +263,9 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
                           teacher_ms=None if t_seconds is None else t_seconds * 1000.0, teacher_text=t_text)
         records.append(record)
     results = pl.DataFrame(records, schema=RESULTS_SCHEMA)
-    return results, summarise(results, cfg)
+    summary = summarise(results, cfg)
+    summary["backbone_runtime"] = cfg.eval.backbone_runtime
+    return results, summary
 
 
 def mcnemar(a: list[bool], b: list[bool]) -> dict[str, Any]:
@@ -398,6 +400,8 @@ def report_section(store: ArtifactStore, ref: ArtifactRef) -> ReportSection:
         f"Student on the teacher's subset: {_short(subset)}. Gold answer among the student's top {s['student_in_beam']['k']} answers: "
         f"{_short(s['student_in_beam'])}; among the answers of every chain the search finished: {_short(s['student_in_pool'])} "
         f"(the gap to the accuracy is what ranking the chains loses). A valid chain found: {_short(s['student_valid_chain'])}.",
+        "",
+        f"Latency: the student reads each problem with `{s.get('backbone_runtime', 'torch')}` and then searches, one problem at a time.",
         "",
         "| latency (ms) | n | p50 | p95 |",
         "|---|---|---|---|",

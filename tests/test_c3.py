@@ -533,3 +533,26 @@ def test_unused_mentions_prior_is_a_distribution_shaped_like_its_data():
     assert sum(math.exp(v) for v in log_prior) == pytest.approx(1.0)
     assert log_prior[0] > log_prior[1] > log_prior[2] > log_prior[3] and log_prior[3] == log_prior[5]  # unseen 3 and >4 share the floor
     assert c3_model.unused_mentions_log_prior([]) == pytest.approx([math.log(0.5), math.log(0.5)])
+
+
+def test_candidate_tables_of_a_search_depth_equal_building_each_chain_alone(sets, problems, config, vocab):
+    """The search builds one table per chain per depth through `candidate_tables`; chains differ
+    in their earlier results and in what they already used, and each table must be exactly the
+    one `candidate_table` builds for that chain alone."""
+    rng = np.random.default_rng(0)
+    n_checked = 0
+    for problem_id, position, slot, _ in slots_in_order(sets["c3_slots"]):
+        if position == 0:
+            continue
+        problem = problems[problem_id]
+        chains_values = [list(slot["prior_values"]), [v * 2.5 for v in slot["prior_values"]], [-v for v in slot["prior_values"]]]
+        everything = c3_model.slot_candidates(problem, list(range(position)), chains_values[0], config.c4.domain_constants)
+        chains_uses = [Counter(), *(Counter(c3_model.candidate_usage_key(everything[i])
+                                            for i in rng.integers(0, len(everything) - 1, size=3)) for _ in range(2))]
+        together = c3_model.candidate_tables(problem, position, chains_values, config.c4.domain_constants, vocab, chains_uses)
+        for values, uses, (candidates, text, numeric) in zip(chains_values, chains_uses, together, strict=True):
+            alone = c3_model.candidate_table(problem, position, list(range(position)), values, config.c4.domain_constants, vocab, uses)
+            assert candidates == alone[0]
+            assert np.array_equal(text, alone[1]) and np.array_equal(numeric, alone[2])
+        n_checked += 1
+    assert n_checked > 20
