@@ -10,16 +10,18 @@ Time:   ~1-2 minutes for 300 problems on 2 CPU cores.
 You see: for each part its p50/p95 in ms (the read runs as stage 06 runs it,
         `eval.backbone_runtime`); the pruned / unpruned search time and the search with /
         without the verifier's re-scoring as median paired ratios with bootstrap 95%
-        intervals; how often the variants give the default's answer and how many each gets right
-        (pruning never changes the best chain, only how much the far-behind chains add to the
-        vote; the verifier changes which chain wins); and read + search against the issue's
-        15 ms (1-2 step) target.
+        intervals; the same for the search with each chain's candidate table built whole (as
+        before `c3_model.candidate_tables`); how often the variants give the default's answer and
+        how many each gets right (pruning never changes the best chain, only how much the
+        far-behind chains add to the vote; the verifier changes which chain wins; the tables are
+        the same either way); and read + search against the issue's 15 ms (1-2 step) target.
 
     python bench/student_search.py [--n 300] [--set eval.prune_margin=2.0] [--set eval.rerank=false]
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -29,10 +31,30 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np
 
-from mycelium import solver, stats
+from mycelium import c3_model, solver, stats
 from mycelium.reports import format_rate
 from tasks import evaluate
 from trained_student import BOOTSTRAP_RESAMPLES, parse_arguments, percentiles, trained_student
+
+
+TABLES_PER_CHAIN = "tables built per chain"
+
+
+@contextlib.contextmanager
+def tables_built_per_chain():
+    """The search as it was before `c3_model.candidate_tables`: every chain's candidate table
+    built whole, on its own (the same tables; only the time differs)."""
+    shared = c3_model.candidate_tables
+
+    def one_by_one(problem, step_index, chains_prior_values, domain_constants, vocab, chains_uses):
+        return [c3_model.candidate_table(problem, step_index, list(range(step_index)), values, domain_constants, vocab, uses)
+                for values, uses in zip(chains_prior_values, chains_uses, strict=True)]
+
+    c3_model.candidate_tables = one_by_one
+    try:
+        yield
+    finally:
+        c3_model.candidate_tables = shared
 
 
 def main() -> int:
@@ -51,6 +73,7 @@ def main() -> int:
     if pruned.rerank and student.verifier is not None:
         variants["no verifier"] = evaluate.search_settings(cfg)
         variants["no verifier"].rerank = False
+    variants[TABLES_PER_CHAIN] = pruned
     rows = store.read(refs["problems_eval"], "problems").head(args.n).to_dicts()
     texts = [str(row["problem"]) for row in rows]
     encoder = trained.encoder()
@@ -68,9 +91,10 @@ def main() -> int:
         shift = len(read_ms) % len(order)
         answers = {}
         for name, settings, sink in order[shift:] + order[:shift]:
-            started = time.perf_counter()
-            answers[name] = solver.solve(student, problem, settings).answer
-            sink.append(1000 * (time.perf_counter() - started))
+            with tables_built_per_chain() if name == TABLES_PER_CHAIN else contextlib.nullcontext():
+                started = time.perf_counter()
+                answers[name] = solver.solve(student, problem, settings).answer
+                sink.append(1000 * (time.perf_counter() - started))
         for name in variants:
             same[name] += answers[name] == answers["default"]
         for name, answer in answers.items():
