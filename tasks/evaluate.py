@@ -263,9 +263,7 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
                           teacher_ms=None if t_seconds is None else t_seconds * 1000.0, teacher_text=t_text)
         records.append(record)
     results = pl.DataFrame(records, schema=RESULTS_SCHEMA)
-    summary = summarise(results, cfg)
-    summary["backbone_runtime"] = cfg.eval.backbone_runtime
-    return results, summary
+    return results, summarise(results, cfg)
 
 
 def mcnemar(a: list[bool], b: list[bool]) -> dict[str, Any]:
@@ -292,7 +290,7 @@ def _percentiles(values: pl.Series) -> dict[str, Any]:
 
 
 def summarise(results: pl.DataFrame, cfg: MyceliumConfig) -> dict[str, Any]:
-    summary: dict[str, Any] = {"n_problems": results.height}
+    summary: dict[str, Any] = {"n_problems": results.height, "backbone_runtime": cfg.eval.backbone_runtime}
     for system in SYSTEMS:
         summary[f"{system}_accuracy"] = _accuracy(results[f"{system}_correct"])
     for system in ("teacher", "nearest", "oracle"):
