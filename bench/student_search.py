@@ -75,16 +75,15 @@ def main() -> int:
         variants["no verifier"].rerank = False
     variants[TABLES_PER_CHAIN] = pruned
     rows = store.read(refs["problems_eval"], "problems").head(args.n).to_dicts()
-    texts = [str(row["problem"]) for row in rows]
     encoder = trained.encoder()
 
     read_ms, default_ms = [], []
     variant_ms = {name: [] for name in variants}
     same = dict.fromkeys(variants, 0)
     right: dict[str, list[bool]] = {name: [] for name in ["default", *variants]}
-    for row, text in zip(rows, texts, strict=True):
+    for row in rows:
         started = time.perf_counter()
-        problem = trained.read(encoder, text)
+        problem = trained.read(encoder, str(row["problem"]))
         read_ms.append(1000 * (time.perf_counter() - started))
         # Rotate which search runs first, so none always meets a warm cache.
         order = [("default", pruned, default_ms), *((name, settings, variant_ms[name]) for name, settings in variants.items())]
@@ -97,11 +96,11 @@ def main() -> int:
                 sink.append(1000 * (time.perf_counter() - started))
         for name in variants:
             same[name] += answers[name] == answers["default"]
+        is_math = evaluate.is_math_row(row)
         for name, answer in answers.items():
-            checked = evaluate.check(evaluate.format_answer(answer), row.get("answer"), evaluate.is_math_row(row), cfg)
-            right[name].append(evaluate.correct(checked, evaluate.is_math_row(row)))
+            right[name].append(evaluate.correct(evaluate.check(evaluate.format_answer(answer), row.get("answer"), is_math, cfg), is_math))
 
-    n = len(texts)
+    n = len(rows)
     print(f"{n} problems of {cfg.eval.dataset}, student from {refs['c3_model'].digest}, {1 + len(variants)} searches per problem")
     print(f"backbone read (one problem, {cfg.eval.backbone_runtime:<11})  {percentiles(read_ms)}")
     verifier_note = "with the verifier" if "no verifier" in variants else "no verifier in this student"

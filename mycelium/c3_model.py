@@ -279,8 +279,9 @@ def candidate_tables(problem: ProblemText, step_index: int, chains_prior_values:
     0..step_index-1; chain c's results `chains_prior_values[c]`, its uses `chains_uses[c]`).
     Equal to building each table alone; the rows no chain changes (the text's numbers and
     words, constants, END: most of a table) are built once and only each chain's PRIOR rows
-    and the rows it already used are rewritten (the search builds a table per chain per depth;
-    whole rebuilds were a fifth of its time)."""
+    and the rows it already used are rewritten (the search builds a table per chain per depth:
+    on the `make run` student the whole search takes 0.95x the time of building each table
+    whole, `bench/student_search.py`)."""
     if not chains_prior_values:
         return []
     prior_steps = list(range(step_index))
