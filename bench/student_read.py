@@ -1,6 +1,8 @@
-"""The student's backbone read four ways, side by side on the same problems in one run:
+"""The student's backbone read five ways, side by side on the same problems in one run:
 PyTorch eager float32 (the reference: what trained the heads), ONNX Runtime float32 (stage
-06's default, `eval.backbone_runtime: onnxruntime`), and two lower-precision reads that stage
+06's default, `eval.backbone_runtime: onnxruntime`), the same graph rewritten with ORT's
+transformer fusions (`onnx_read.fuse_for_onnxruntime`: measured, not faster here, not used),
+and two lower-precision reads that stage
 06 does not offer, kept here because they were measured and lost: PyTorch under bfloat16
 autocast (matrix products in bfloat16; this CPU multiplies bfloat16 natively) and PyTorch with
 int8 dynamic quantisation of the linear layers.
@@ -35,11 +37,14 @@ import numpy as np
 import torch
 
 from mycelium import solver, stats
+from mycelium.config import Settings
+from mycelium.onnx_read import onnx_encoder
 from mycelium.reports import format_rate
 from tasks import evaluate
 from trained_student import BOOTSTRAP_RESAMPLES, parse_arguments, percentiles, trained_student
 
 REFERENCE = "torch float32"
+UNFUSED, FUSED = "onnxruntime float32", "onnxruntime fused"
 
 
 class AutocastRead:
@@ -65,13 +70,15 @@ def main() -> int:
     quantised.model = torch.ao.quantization.quantize_dynamic(quantised.model, {torch.nn.Linear}, dtype=torch.qint8)
     half = trained.encoder("torch")
     half.model = AutocastRead(half.model)
-    readers = {REFERENCE: trained.encoder("torch"), "onnxruntime float32": trained.encoder("onnxruntime"), "torch bfloat16": half, "torch int8": quantised}
+    readers = {REFERENCE: trained.encoder("torch"), UNFUSED: onnx_encoder(trained.encoder("torch"), Settings().cache_dir),
+               FUSED: onnx_encoder(trained.encoder("torch"), Settings().cache_dir, fused=True), "torch bfloat16": half, "torch int8": quantised}
     for encoder in readers.values():  # one untimed read each: first-call allocations are not a problem's cost
         trained.read(encoder, str(rows[0]["problem"]))
 
     read_ms = {name: [] for name in readers}
     right = {name: [] for name in readers}
     same = dict.fromkeys(readers, 0)
+    fused_as_unfused = 0
     largest_difference = dict.fromkeys(readers, 0.0)
     for i, row in enumerate(rows):
         answers, problems = {}, {}
@@ -85,6 +92,7 @@ def main() -> int:
             answers[name] = evaluate.format_answer(solver.solve(student, problems[name], settings).answer)
             right[name].append(bool(evaluate.check(answers[name], row.get("answer"), evaluate.is_math_row(row), cfg)["numeric"]))
         reference = problems[REFERENCE]
+        fused_as_unfused += answers[FUSED] == answers[UNFUSED]
         for name in readers:
             same[name] += answers[name] == answers[REFERENCE]
             difference = float(np.abs(problems[name].pooled - reference.pooled).max())
@@ -106,6 +114,10 @@ def main() -> int:
         print(f"{name} / {REFERENCE} read time: median paired ratio {ratio.estimate:.2f} [{ratio.low:.2f}, {ratio.high:.2f}] "
               f"(bootstrap 95%, n={ratio.n}); same answer {same[name]}/{n}; largest feature difference {largest_difference[name]:.1e}; "
               f"McNemar p = {test['p_value']:.3g} ({test['only_student']} vs {test['only_other']} discordant)")
+    ratio = stats.bootstrap_interval(np.array(read_ms[FUSED]) / np.array(read_ms[UNFUSED]), statistic=np.median,
+                                     resamples=BOOTSTRAP_RESAMPLES, seed=cfg.eval.seed)
+    print(f"{FUSED} / {UNFUSED} read time (what the transformer fusions save): median paired ratio {ratio.estimate:.2f} "
+          f"[{ratio.low:.2f}, {ratio.high:.2f}] (bootstrap 95%, n={ratio.n}); same answer {fused_as_unfused}/{n}")
     return 0
 
 

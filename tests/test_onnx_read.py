@@ -1,11 +1,13 @@
-"""The student's backbone read through ONNX Runtime: the same features as PyTorch, exported
-once per set of weights, a damaged cache repaired, a bad setting refused in one line."""
+"""The student's backbone read through ONNX Runtime: the same features as PyTorch from the
+fused graph, exported once per set of weights, a damaged cache repaired, a bad setting refused
+in one line."""
 
 from __future__ import annotations
 
 import os
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -58,6 +60,17 @@ def test_the_export_is_cached_per_set_of_weights(readers, cache_dir):
     with torch.no_grad():
         changed.model.embeddings.LayerNorm.bias.add_(0.5)  # other weights (a tuned backbone): another graph
     assert onnx_read.weights_key(changed.model) != onnx_read.weights_key(reference.model)
+
+
+def test_the_fused_graph_reads_the_same_features_and_is_cached_apart(readers, cache_dir):
+    reference, plain = readers
+    fused = onnx_read.onnx_encoder(reference, cache_dir, fused=True)
+    graph = os.path.join(cache_dir, "onnx", onnx_read.weights_key(reference.model, onnx_read.FUSED_FORMAT), onnx_read.GRAPH_FILE)
+    ops = [node.op_type for node in onnx.load(graph).graph.node]
+    assert ops.count("Attention") == reference.model.config.num_hidden_layers and "SkipLayerNormalization" in ops
+    words = dict(CONFIG.c4.word_to_number)
+    for slow, quick in zip(*(c3_model.read_problems(e, PROBLEMS, words, 3, CONFIG.c3.context_tokens, progress=False) for e in (plain, fused)), strict=True):
+        assert np.abs(quick.features - slow.features).max() < 1e-4 and np.abs(quick.pooled - slow.pooled).max() < 1e-4
 
 
 def test_a_damaged_cached_graph_is_exported_again(tmp_path):
