@@ -1,6 +1,6 @@
-"""The student's backbone read through ONNX Runtime: the same features as PyTorch from the
-fused graph, exported once per set of weights, a damaged cache repaired, a bad setting refused
-in one line."""
+"""The student's backbone read through ONNX Runtime: the same features as PyTorch (from the
+plain graph stage 06 reads, and from the fused one the read bench measures), exported once per
+set of weights, a damaged cache repaired, a bad setting refused in one line."""
 
 from __future__ import annotations
 
