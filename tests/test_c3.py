@@ -556,3 +556,36 @@ def test_candidate_tables_of_a_search_depth_equal_building_each_chain_alone(sets
             assert np.array_equal(text, alone[1]) and np.array_equal(numeric, alone[2])
         n_checked += 1
     assert n_checked > 20
+
+
+def test_score_rows_over_chains_that_differ_equals_scoring_each_row_alone(sets, problems, trained, config, vocab):
+    """The search scores every chain of a depth in one `score_rows` call, which scores a query
+    against the first chain's candidates once and re-scores only the rows where another chain's
+    candidate differs (its earlier results, what it already used): every row must still be what
+    `forward` gives that (query, chain) on its own."""
+    result, _, _ = trained
+    rng = np.random.default_rng(1)
+    n_checked = n_rescored = 0
+    for problem_id, position, slot, _ in slots_in_order(sets["c3_slots"]):
+        if position == 0:
+            continue
+        problem = problems[problem_id]
+        chains_values = [list(slot["prior_values"]), [v * 3.0 for v in slot["prior_values"]], list(slot["prior_values"])]
+        everything = c3_model.slot_candidates(problem, list(range(position)), chains_values[0], config.c4.domain_constants)
+        chains_uses = [Counter(), Counter(), Counter(c3_model.candidate_usage_key(everything[i]) for i in rng.integers(0, len(everything) - 1, size=2))]
+        tables = c3_model.candidate_tables(problem, position, chains_values, config.c4.domain_constants, vocab, chains_uses)
+        queries = c3_model.query_matrix(problem, [(slot["label"], slot["skeleton"], 0), ("MUL", "{0}*{1}", 1)], position, position, vocab)
+        chain_of_row, query_of_row = [0, 1, 2, 2, 1], [0, 1, 0, 1, 0]
+        text = np.zeros((len(tables[0][0]), tables[0][1].shape[1]), np.float32)
+        text[: len(tables[0][1])] = tables[0][1]
+        numeric = np.stack([t[2] for t in tables])
+        with torch.inference_mode():
+            together = result.model.score_rows(torch.from_numpy(queries), torch.from_numpy(text), torch.from_numpy(numeric),
+                                               torch.tensor(chain_of_row), torch.tensor(query_of_row)).numpy()
+            for r, (c, q) in enumerate(zip(chain_of_row, query_of_row, strict=True)):
+                alone = result.model(torch.from_numpy(queries[q][None]), torch.from_numpy(text[None]), torch.from_numpy(numeric[c][None]),
+                                     torch.ones(1, len(text), dtype=torch.bool)).numpy()[0]
+                assert together[r] == pytest.approx(alone, abs=1e-5)
+        n_rescored += int((numeric[1:] != numeric[0]).any(-1).sum())
+        n_checked += 1
+    assert n_checked > 20 and n_rescored > n_checked  # chains 1 and 2 really differed from chain 0
