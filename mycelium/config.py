@@ -231,6 +231,7 @@ class EvalConfig(Section):
     planner_top_k: int = Field(ge=1)
     planner_uses_c2: bool
     prune_margin: float | None = Field(default=None, ge=0.0)
+    first_scored_pairs: int = Field(ge=1)
     voting: Literal["weighted", "majority", "top1"]
     numerical_consistency_boost: float = Field(ge=0.0)
     simplicity_penalty: float = Field(ge=0.0)

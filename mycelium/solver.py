@@ -47,6 +47,8 @@ hang (huge powers overflow and return None).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import string
 import time
@@ -169,6 +171,7 @@ class SearchSettings:
     planner_uses_c2: bool = False  # a planned chain also adds C2's log P(its label set)
     prune_margin: float | None = None  # drop partial chains this far below the best finished one; None: keep all
     rerank: bool = False  # the chain verifier (stage 05) re-scores the finished chains before the vote, when the student has one
+    first_scored_pairs: int | None = None  # planned search: (chain, option) pairs C3 scores first per depth; None: all at once
 
 
 @dataclass
@@ -256,16 +259,18 @@ def ranked_proposals(student: Student, problem: c3_model.ProblemText, chains: Se
                                        [chain_uses(chain) for chain in chains])
     scored = c3_model.score_beam(student.c3, problem, tables, [[(label, skeleton, arity) for label, _, skeleton, arity in chain_options] for chain_options in kept],
                                  n_prior, n_prior, student.vocab, settings.beam_width)
-    where, totals = [], []  # (chain, option, tuple) and score of every proposal, in chain → option → tuple order
+    blocks, totals = [], []  # (chain, option) and its operand tuples' scores, in chain → option order
     for c, (chain, chain_options, per_slot) in enumerate(zip(chains, kept, scored, strict=True)):
         for o, ((_, label_logp, _, _), (_, scores)) in enumerate(zip(chain_options, per_slot, strict=True)):
-            where += [(c, o, t) for t in range(len(scores))]
+            blocks.append((c, o))
             totals.append(chain.score + label_logp - settings.simplicity_penalty + scores)
-    if not where:
+    if not blocks:
         return
     totals_flat = np.concatenate(totals)
-    for i in np.argsort(-totals_flat, kind="stable").tolist():  # stable: ties keep chain → option → tuple order
-        c, o, t = where[i]
+    block_starts = np.cumsum([0] + [len(t) for t in totals])
+    order = np.argsort(-totals_flat, kind="stable")  # stable: ties keep chain → option → tuple order
+    for i, block in zip(order.tolist(), (np.searchsorted(block_starts, order, side="right") - 1).tolist(), strict=True):
+        (c, o), t = blocks[block], i - int(block_starts[block])
         label, _, skeleton, _ = kept[c][o]
         candidates = tables[c][0]
         yield Proposal(chains[c], label, skeleton, [candidates[j] for j in scored[c][o][0][t].tolist()], float(totals_flat[i]))
@@ -289,6 +294,44 @@ def best_computable(ranked: Iterable[Proposal], width: int, settings: SearchSett
         chain = compute(proposal, settings)
         if chain is not None:
             result.append(chain)
+    return result
+
+
+def best_computable_bounded(student: Student, problem: c3_model.ProblemText, chains: Sequence[Chain],
+                            options: Sequence[Sequence[tuple[str, float, str]]], width: int, settings: SearchSettings,
+                            floor: float = -math.inf) -> list[Chain]:
+    """`best_computable(ranked_proposals(...))`, scoring operands only for the (chain, option)
+    pairs that can place. A proposal scores its chain's score + the option's log-p - the
+    simplicity penalty + C3's operand log-probability, and the last is never positive: so
+    that sum without C3 bounds every proposal of the pair. Pairs are scored best bound first,
+    `settings.first_scored_pairs` of them (then twice as many, ...), and a scored proposal is
+    taken once it beats every bound not yet scored. The chains are the same as scoring every
+    pair; C3 scores fewer pairs and C4 computes fewer proposals (C3 was half the search's time)."""
+    penalty = settings.simplicity_penalty
+    bounds = [(chain.score + logp - penalty, c, o) for c, chain in enumerate(chains) for o, (_, logp, _) in enumerate(options[c])]
+    pending = [b for b in sorted(bounds, key=lambda b: -b[0]) if b[0] >= floor]  # sorted is stable: ties keep chain → option order
+    result: list[Chain] = []
+    waiting: Iterator[Proposal] = iter(())
+    start, size = 0, settings.first_scored_pairs or max(len(pending), 1)
+    while start < len(pending):
+        batch, start, size = pending[start : start + size], start + size, 2 * size
+        next_bound = pending[start][0] if start < len(pending) else -math.inf
+        by_chain: dict[int, list[int]] = defaultdict(list)
+        for _, c, o in batch:
+            by_chain[c].append(o)
+        fresh = ranked_proposals(student, problem, [chains[c] for c in by_chain], [[options[c][o] for o in os] for c, os in by_chain.items()], settings)
+        waiting = heapq.merge(waiting, fresh, key=lambda p: -p.score)
+        for proposal in waiting:
+            if proposal.score < floor:
+                return result  # the rest score lower still, scored or not
+            if proposal.score <= next_bound:  # an unscored pair might beat it: score more pairs first
+                waiting = itertools.chain([proposal], waiting)
+                break
+            chain = compute(proposal, settings)
+            if chain is not None:
+                result.append(chain)
+                if len(result) == width:
+                    return result
     return result
 
 
@@ -402,12 +445,12 @@ def planned_search(student: Student, problem: c3_model.ProblemText, probabilitie
         growing = [(chain, log_p) for chain, log_p in zip(beam, plans, strict=True) if chain.score >= floor]
         options = []
         for _, log_p in growing:
-            proposed = [i for i in np.argsort(-log_p[: vocab.other]) if vocab.skeletons[i] in vocab.label_of][: settings.planner_top_k]
+            proposed = list(itertools.islice((i for i in np.argsort(-log_p[: vocab.other]).tolist() if vocab.skeletons[i] in vocab.label_of),
+                                             settings.planner_top_k))
             options.append([(vocab.label_of[vocab.skeletons[i]], float(log_p[i]), vocab.skeletons[i]) for i in proposed])
-        ranked = ranked_proposals(student, problem, [chain for chain, _ in growing], options, settings)
-        # Only the beam goes on (finishing is decided for beam members), so C4 runs only as far
-        # down the ranking as it takes to fill it.
-        beam = best_computable(ranked, settings.beam_width, settings, floor)
+        # Only the beam goes on (finishing is decided for beam members), so C3 and C4 run only as
+        # far down the ranking as it takes to fill it.
+        beam = best_computable_bounded(student, problem, [chain for chain, _ in growing], options, settings.beam_width, settings, floor)
         if not beam:
             break
     return sorted(finished, key=lambda c: -c.score)[: settings.max_paths]

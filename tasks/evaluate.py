@@ -133,7 +133,8 @@ def search_settings(cfg: MyceliumConfig) -> solver.SearchSettings:
     return solver.SearchSettings(cfg.c2.threshold, e.beam_width, e.mcts_max_paths, e.max_steps, e.skeletons_per_label, e.voting,
                                  e.numerical_consistency_boost, e.simplicity_penalty, cfg.steps.expression_timeout_s,
                                  cfg.steps.max_expression_length, dict(cfg.c4.domain_constants), e.answer_digits, e.require_all_labels,
-                                 e.coverage_prior, e.step_choice, e.planner_top_k, e.planner_uses_c2, e.prune_margin, e.rerank)
+                                 e.coverage_prior, e.step_choice, e.planner_top_k, e.planner_uses_c2, e.prune_margin, e.rerank,
+                                 e.first_scored_pairs)
 
 
 # --- checking answers ----------------------------------------------------------------------------------
@@ -158,6 +159,17 @@ def correct(result: dict[str, bool | None], is_math: bool) -> bool:
 
 
 # --- baselines -----------------------------------------------------------------------------------------
+
+
+def gold_step_settings(cfg: MyceliumConfig) -> steps.StepSettings:
+    """How stage 06 splits a gold solution into steps (the oracle, and the easy / hard split)."""
+    return steps.StepSettings(timeout_s=cfg.steps.expression_timeout_s, max_length=cfg.steps.max_expression_length,
+                              rel_tol=cfg.steps.result_rel_tol, pow_subtypes=list(cfg.ib.pow_subtypes), labels=list(cfg.c2.labels))
+
+
+def gold_step_count(row: dict, step_settings: steps.StepSettings) -> int:
+    """The number of steps of the row's gold solution (0: none could be read)."""
+    return len(steps.split_solution({"problem_id": row["problem_id"], "solution": row.get("solution") or ""}, step_settings).steps)
 
 
 def oracle_answer(row: dict, step_settings: steps.StepSettings, prov_settings: provenance.ProvenanceSettings, search: solver.SearchSettings) -> tuple[float | None, int]:
@@ -204,8 +216,7 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
     student = load_student(store, inputs, cfg)
     search = search_settings(cfg)
     prov_settings = settings_from(cfg.training_data, cfg.c4, cfg.steps)
-    step_settings = steps.StepSettings(timeout_s=cfg.steps.expression_timeout_s, max_length=cfg.steps.max_expression_length,
-                                       rel_tol=cfg.steps.result_rel_tol, pow_subtypes=list(cfg.ib.pow_subtypes), labels=list(cfg.c2.labels))
+    step_settings = gold_step_settings(cfg)
     encoder = onnx_read.reading_encoder(student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length),
                                         cfg.eval.backbone_runtime, Settings().cache_dir)
     rows = problems.to_dicts()

@@ -240,3 +240,35 @@ def test_one_pass_over_the_beam_proposes_what_each_chain_proposes_alone():
     assert [p.score for p in together] == sorted((p.score for p in together), reverse=True)  # best first
     by_key = {describe(p): p.score for p in alone}
     assert all(p.score == pytest.approx(by_key[describe(p)], abs=1e-5) for p in together)
+
+
+def test_bounded_scoring_fills_the_beam_with_what_scoring_every_option_gives():
+    """The planned search scores C3 operands only for the (chain, option) pairs whose bound can
+    still place; the beam it keeps must be the one scoring every pair keeps, at every width
+    and floor, and it must have skipped pairs along the way."""
+    settings = evaluate.search_settings(load_config(None))
+    options = [("ADD", -0.2, "{0}+{1}"), ("MUL", -0.9, "{0}*{1}"), ("SUB", -2.5, "{0}-{1}"), ("DIV", -4.0, "{0}/{1}")]
+    n_compared, n_skipped = 0, 0
+    for seed, (i, text) in itertools.product(range(3), enumerate(PROBLEMS)):
+        settings.first_scored_pairs = [1, 3, None][seed]  # a pair at a time, a few, all at once
+        student, _ = seeded_student(seed)
+        problem = seeded_problem(text, seed * 10 + i)
+        beam = [solver.Chain()]
+        for _ in range(3):
+            chain_options = [options[(c + seed) % 2 :] for c in range(len(beam))]  # chains need not share their options
+            for width, floor in [(1, -math.inf), (4, -math.inf), (10, -math.inf), (10, max(c.score for c in beam) - 3.0)]:
+                everything = solver.best_computable(solver.ranked_proposals(student, problem, beam, chain_options, settings), width, settings, floor)
+                scored = []
+                original = solver.ranked_proposals
+                solver.ranked_proposals = lambda *a, **k: (scored.append(sum(map(len, a[3]))), original(*a, **k))[1]  # noqa: E731 — count pairs scored
+                try:
+                    bounded = solver.best_computable_bounded(student, problem, beam, chain_options, width, settings, floor)
+                finally:
+                    solver.ranked_proposals = original
+                assert [[(s.skeleton, s.operands) for s in c.steps] for c in bounded] == [[(s.skeleton, s.operands) for s in c.steps] for c in everything]
+                # float32 sums over a different set of queries round differently in the last bits
+                assert [c.score for c in bounded] == pytest.approx([c.score for c in everything], abs=1e-5)
+                n_skipped += sum(map(len, chain_options)) - sum(scored)
+                n_compared += 1
+            beam = solver.best_computable_bounded(student, problem, beam, chain_options, 10, settings)
+    assert n_compared == 3 * len(PROBLEMS) * 3 * 4 and n_skipped > 0  # seeds x problems x depths x (width, floor)
