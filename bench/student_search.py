@@ -14,7 +14,7 @@ You see: for each part its p50/p95 in ms (the read runs as stage 06 runs it,
         before `c3_model.candidate_tables`) and with every (query, chain) row scored against all
         its chain's candidates (as before `PointerScorer.score_rows` shared the first chain's
         scores) and with C3 scoring every (chain, option) pair of a depth (as before
-        `solver.best_computable_bounded`); how often the variants give the default's answer and
+        `solver.best_computable_bounded`), and with both (the search as it was before either); how often the variants give the default's answer and
         how many each gets right (pruning never changes the best chain, only how much the
         far-behind chains add to the vote; the verifier changes which chain wins; the tables,
         row scores and beams are the same either way); and read + search against the issue's
@@ -45,6 +45,7 @@ from trained_student import BOOTSTRAP_RESAMPLES, parse_arguments, percentiles, t
 TABLES_PER_CHAIN = "tables built per chain"
 ROWS_PER_CHAIN = "every chain's rows scored"
 EVERY_PAIR = "every (chain, option) scored"
+BOTH = "every pair and every row scored"
 
 
 @contextlib.contextmanager
@@ -123,6 +124,7 @@ def main() -> int:
     variants[TABLES_PER_CHAIN] = pruned
     variants[ROWS_PER_CHAIN] = pruned
     variants[EVERY_PAIR] = pruned
+    variants[BOTH] = pruned
     rows = store.read(refs["problems_eval"], "problems").head(args.n).to_dicts()
     encoder = trained.encoder()
 
@@ -139,8 +141,11 @@ def main() -> int:
         shift = len(read_ms) % len(order)
         answers = {}
         for name, settings, sink in order[shift:] + order[:shift]:
-            swapped = {TABLES_PER_CHAIN: tables_built_per_chain, ROWS_PER_CHAIN: every_row_scored, EVERY_PAIR: every_pair_scored}.get(name, contextlib.nullcontext)
-            with swapped():
+            swapped = {TABLES_PER_CHAIN: [tables_built_per_chain], ROWS_PER_CHAIN: [every_row_scored], EVERY_PAIR: [every_pair_scored],
+                       BOTH: [every_pair_scored, every_row_scored]}.get(name, [])
+            with contextlib.ExitStack() as stack:
+                for swap in swapped:
+                    stack.enter_context(swap())
                 started = time.perf_counter()
                 answers[name] = solver.solve(student, problem, settings).answer
                 sink.append(1000 * (time.perf_counter() - started))
