@@ -198,6 +198,7 @@ class C3Config(Section):
     max_operands: int = Field(ge=1)
     seed: int
     unfreeze: Literal["auto", "always", "never"] = "never"
+    read_precision: Literal["float32", "int8"] = "float32"
     fine_tune_epochs: int = Field(default=3, ge=1)
     fine_tune_layers: int = Field(default=3, ge=1)
     fine_tune_batch_problems: int = Field(default=8, ge=1)
@@ -245,6 +246,7 @@ class EvalConfig(Section):
     easy_max_steps: int = Field(ge=1)
     rerank: bool = False
     backbone_runtime: Literal["onnxruntime", "torch"] = "torch"
+    int8_read_threads: int | None = Field(default=None, ge=1)
     seed: int
 
 

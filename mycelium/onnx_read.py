@@ -1,25 +1,33 @@
-"""The student's backbone read through ONNX Runtime instead of PyTorch eager.
+"""The student's backbone read through ONNX Runtime: the float32 graph (stage 06's read of a
+float32 student) and the int8 graph (the int8 student's only read).
 
-Reads: an `Encoder` (the tuned backbone stage 04 left, or the embedded MiniLM) and
-`eval.backbone_runtime`. Writes: the exported graph, once per set of weights, under
-`<cache_dir>/onnx/<key>/backbone.onnx` (like the converted teacher, a local cache, not an
-artifact: it is derived from weights the store already holds). Time: the export ~5-15 s on
-2 CPU cores, once; a read afterwards is the point of this file (`bench/student_read.py`
-measures it beside PyTorch on the same problems).
-You should see: the same hidden states as PyTorch to about 1e-5 (float32 throughout, only the
-kernels differ) and the same answers, in less time per problem.
+Reads: an `Encoder` (the tuned backbone stage 04 left, or the embedded MiniLM),
+`c3.read_precision` and `eval.backbone_runtime`. Writes: the exported graph, once per set of
+weights and format, under `<cache_dir>/onnx/<key>/backbone.onnx` (like the converted teacher,
+a local cache, not an artifact: it is derived from weights the store already holds).
+Time: the export ~5-15 s on 2 CPU cores (the int8 one a few seconds more), once; a read
+afterwards is the point of this file (`bench/student_read.py`, `bench/student_precision.py`).
+You should see: float32 — the same hidden states as PyTorch to about 1e-5 and the same
+answers, in less time; int8 — other features (mean token state at cosine ~0.99 to float32's)
+that the heads were trained on, in about two thirds of the float32 read's time.
 
-Why not PyTorch: stage 06 reads one problem at a time and its latency is one of the issue's
-targets. On the 500 shipped GSM8K test problems the same float32 graph in ONNX Runtime read in
-0.87 [0.86, 0.88] of PyTorch eager's time (median paired ratio), with the same answer on all
-500; the rest of a read is compute-bound matrix products that only lower precision would cut,
-and int8 changed half the answers (`bench/student_read.py`). Only inference uses it:
-training, backbone tuning and the cached training features stay on PyTorch, and the stage 06
-heads read features that differ from their training features by float rounding only.
+float32 (`c3.read_precision: float32`): only stage 06 reads through ONNX Runtime; training,
+backbone tuning and the cached training features stay on PyTorch, and the heads read features
+that differ from their training features by float rounding. On the 500 shipped GSM8K test
+problems the graph read in 0.87 [0.86, 0.88] of PyTorch eager's time, same answer on all 500.
 
-`onnx_encoder(encoder, cache_dir)` returns a copy of the encoder whose `model` is an
-`OnnxBackbone`: called like the Hugging Face model (`model(**batch).last_hidden_state`), so
-`c3_model.read_problems` and `encoder.embed_texts` use it unchanged.
+int8 (`c3.read_precision: int8`, the default): the tuned backbone's matrix products in int8
+(`quantize_graph`), and every read of the student goes through it — C2's and C3's training
+features, the verifier's pools, stage 06 — so the heads are trained on exactly what stage 06
+hands them (quantising under heads trained on float32 features changed half the answers). On
+the `make run` students and all 1,319 GSM8K test problems, each problem read and searched by
+both in turn (`bench/student_precision.py`, the int8 read on `eval.int8_read_threads` 1): read
+0.59 [0.59, 0.59] of the float32 ONNX read's time, read + search 0.78 [0.78, 0.79]; 122 right
+against float32's 129 (McNemar p = 0.46).
+
+`onnx_encoder(encoder, cache_dir)` / `int8_encoder` return a copy of the encoder whose `model`
+is an `OnnxBackbone`: called like the Hugging Face model (`model(**batch).last_hidden_state`),
+so `c3_model.read_problems` and `encoder.embed_texts` use it unchanged.
 """
 
 from __future__ import annotations
@@ -42,9 +50,9 @@ from mycelium.encoder import Encoder
 from mycelium.errors import ModelError
 
 GRAPH_FILE = "backbone.onnx"
-# Part of the cache key: the fused graph (bench/student_read.py measures it) and the plain one
-# stage 06 reads are cached apart.
-FUSED_FORMAT, PLAIN_FORMAT = "dynamo+ort_fusions", "dynamo"
+# Part of the cache key: the fused graph (bench/student_read.py measures it), the plain one
+# stage 06 reads and the int8 one (`c3.read_precision: int8`) are cached apart.
+FUSED_FORMAT, PLAIN_FORMAT, INT8_FORMAT = "dynamo+ort_fusions", "dynamo", "dynamo+int8_dynamic"
 
 
 def weights_key(model: torch.nn.Module, graph_format: str = PLAIN_FORMAT) -> str:
@@ -86,9 +94,24 @@ def fuse_for_onnxruntime(program: Any) -> None:
     program.model, _ = ort_fusions.optimize_for_ort(program.model)  # (graph, count of each fusion)
 
 
-def export_graph(encoder: Encoder, path: Path, fused: bool = False) -> None:
-    """Export the encoder to ONNX with batch and sequence length dynamic (with `fused`, rewritten
-    by `fuse_for_onnxruntime`)."""
+def quantize_graph(float_graph: Path, path: Path) -> None:
+    """`float_graph` with its matrix products in int8 (ONNX Runtime's dynamic quantisation),
+    written to `path`: each weight matrix int8 with one scale per output channel, each product's
+    input quantised per run with one scale for the whole tensor. Per-channel weights because
+    one scale per matrix lost too much: on 150 GSM8K test problems the shipped MiniLM's mean
+    token state kept a median cosine of 0.960 (worst 0.908) to float32's with one scale per
+    matrix, 0.995 (worst 0.987) per channel, in the same time (0.62× the float32 read).
+    ORT's optional pre-processing is skipped: its symbolic shape inference gives up on the
+    dynamo exporter's graph, and the session's own optimiser runs at load anyway."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(float_graph), str(path), weight_type=QuantType.QInt8, per_channel=True)
+
+
+def export_graph(encoder: Encoder, path: Path, graph_format: str = PLAIN_FORMAT) -> None:
+    """Export the encoder to ONNX with batch and sequence length dynamic; `graph_format`
+    FUSED_FORMAT rewrites it with `fuse_for_onnxruntime`, INT8_FORMAT quantises it
+    (`quantize_graph`)."""
     example = encoder.tokenizer(["Two apples cost 3 dollars.", "A short one."], padding=True, return_tensors="pt")
     names = [name for name in encoder.tokenizer.model_input_names if name in example]
     batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
@@ -103,20 +126,28 @@ def export_graph(encoder: Encoder, path: Path, fused: bool = False) -> None:
             program = torch.onnx.export(_HiddenStates(encoder.model, names).eval(), tuple(example[name] for name in names),
                                         input_names=names, output_names=["last_hidden_state"],
                                         dynamic_shapes=(tuple({0: batch, 1: length} for _ in names),), dynamo=True, optimize=True, verbose=False)
-            if fused:
+            if graph_format == FUSED_FORMAT:
                 fuse_for_onnxruntime(program)
     finally:
         exporter_log.setLevel(level)
-    program.save(str(path))
+    if graph_format != INT8_FORMAT:
+        program.save(str(path))
+        return
+    float_graph = path.with_name("float-" + path.name)
+    program.save(str(float_graph))
+    quantize_graph(float_graph, path)
+    float_graph.unlink()
 
 
 class OnnxBackbone:
     """An ONNX Runtime session that answers like the Hugging Face encoder at inference:
-    `model(input_ids=..., attention_mask=..., ...)` → an object with `.last_hidden_state`."""
+    `model(input_ids=..., attention_mask=..., ...)` → an object with `.last_hidden_state`.
+    `rows_alone`: each row of a batch runs by itself on its real tokens (padding rows are
+    zeros), so a problem's hidden states never depend on what it was batched with."""
 
     device = torch.device("cpu")
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, rows_alone: bool = False):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -130,20 +161,36 @@ class OnnxBackbone:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.path, self.threads, self.rows_alone = path, threads, rows_alone
+
+    def with_threads(self, threads: int) -> OnnxBackbone:
+        """The same graph in a session with `threads` intra-op threads (the same numbers: a
+        thread count changes how the work is split, not what is computed)."""
+        return self if threads == self.threads else OnnxBackbone(self.path, threads, self.rows_alone)
 
     def __call__(self, **inputs: Any) -> SimpleNamespace:
         feeds = {name: np.asarray(inputs[name].cpu().numpy() if isinstance(inputs[name], torch.Tensor) else inputs[name], dtype=np.int64)
                  for name in self.input_names}
-        (hidden,) = self.session.run(["last_hidden_state"], feeds)
+        if not self.rows_alone or len(feeds["input_ids"]) == 1:
+            (hidden,) = self.session.run(["last_hidden_state"], feeds)
+            return SimpleNamespace(last_hidden_state=torch.from_numpy(hidden))
+        mask = feeds["attention_mask"].astype(bool)
+        rows = []
+        for row, real in enumerate(mask):
+            (states,) = self.session.run(["last_hidden_state"], {name: feed[row:row + 1, real] for name, feed in feeds.items()})
+            rows.append(states[0])
+        hidden = np.zeros((*mask.shape, rows[0].shape[-1]), np.float32)
+        for row, (real, states) in enumerate(zip(mask, rows, strict=True)):
+            hidden[row, real] = states
         return SimpleNamespace(last_hidden_state=torch.from_numpy(hidden))
 
 
-def _export_into(encoder: Encoder, folder: Path, fused: bool) -> None:
+def _export_into(encoder: Encoder, folder: Path, graph_format: str) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Exported beside and renamed into place, so a reader never sees half a graph.
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        export_graph(encoder, staging / GRAPH_FILE, fused)
+        export_graph(encoder, staging / GRAPH_FILE, graph_format)
     except Exception as exc:  # the exporter raises many types; the user needs one line
         shutil.rmtree(staging, ignore_errors=True)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -154,17 +201,18 @@ def _export_into(encoder: Encoder, folder: Path, fused: bool) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def onnx_encoder(encoder: Encoder, cache_dir: str, fused: bool = False) -> Encoder:
+def onnx_encoder(encoder: Encoder, cache_dir: str, fused: bool = False, graph_format: str | None = None) -> Encoder:
     """A copy of `encoder` that reads through ONNX Runtime; exports once per set of weights (and
     again when the cached graph cannot be loaded). One-line ModelError when the backbone cannot
     be exported. `fused=True`: the graph rewritten by `fuse_for_onnxruntime` (only the benchmark
-    that measures the fusions asks for it)."""
-    folder = Path(cache_dir) / "onnx" / weights_key(encoder.model, FUSED_FORMAT if fused else PLAIN_FORMAT)
+    that measures the fusions asks for it); `graph_format=INT8_FORMAT`: see `int8_encoder`."""
+    graph_format = graph_format or (FUSED_FORMAT if fused else PLAIN_FORMAT)
+    folder = Path(cache_dir) / "onnx" / weights_key(encoder.model, graph_format)
     for attempt in range(2):
         if not (folder / GRAPH_FILE).is_file():
-            _export_into(encoder, folder, fused)
+            _export_into(encoder, folder, graph_format)
         try:
-            model = OnnxBackbone(folder / GRAPH_FILE, torch.get_num_threads())
+            model = OnnxBackbone(folder / GRAPH_FILE, torch.get_num_threads(), rows_alone=graph_format == INT8_FORMAT)
             break
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             if attempt:
@@ -174,6 +222,27 @@ def onnx_encoder(encoder: Encoder, cache_dir: str, fused: bool = False) -> Encod
     return dataclasses.replace(encoder, model=model)
 
 
-def reading_encoder(encoder: Encoder, runtime: str, cache_dir: str) -> Encoder:
-    """The encoder stage 06 reads with: `encoder` itself for `torch`, its ONNX copy for `onnxruntime`."""
+def int8_encoder(encoder: Encoder, cache_dir: str) -> Encoder:
+    """A copy of `encoder` that reads through ONNX Runtime with int8 matrix products
+    (`c3.read_precision: int8`). Unlike the float32 read, this one changes the features, so it is
+    not a stage 06 option but the student's backbone itself: C2's and C3's training features,
+    the verifier's pools and stage 06 all read with it, and a problem's features are the same in
+    all four. That is also why each problem runs alone (`OnnxBackbone.rows_alone`): the
+    activations' int8 scale is taken over the whole input tensor, so in a padded batch a
+    problem's features would depend on its batch-mates."""
+    return onnx_encoder(encoder, cache_dir, graph_format=INT8_FORMAT)
+
+
+def student_reader(encoder: Encoder, precision: str, cache_dir: str) -> Encoder:
+    """The backbone every student read goes through: `encoder` itself (float32, PyTorch) or
+    its int8 ONNX copy."""
+    return int8_encoder(encoder, cache_dir) if precision == "int8" else encoder
+
+
+def reading_encoder(encoder: Encoder, runtime: str, cache_dir: str, int8_threads: int | None = None) -> Encoder:
+    """The encoder stage 06 reads with: `encoder` itself for `torch`, its ONNX copy for
+    `onnxruntime`; an encoder that already reads through ONNX Runtime (the int8 student) as it
+    is, in a session of `int8_threads` threads when given (`eval.int8_read_threads`)."""
+    if isinstance(encoder.model, OnnxBackbone):
+        return encoder if int8_threads is None else dataclasses.replace(encoder, model=encoder.model.with_threads(int8_threads))
     return encoder if runtime == "torch" else onnx_encoder(encoder, cache_dir)

@@ -32,7 +32,7 @@ import numpy as np
 import polars as pl
 from prefect import get_run_logger, task
 
-from mycelium import c3_model, planner, provenance, stats
+from mycelium import c3_model, onnx_read, planner, provenance, stats
 from mycelium import encoder as encoder_module
 from mycelium.config import C2Config, C3Config, C4Config
 from mycelium.errors import MyceliumError
@@ -42,7 +42,7 @@ from tasks.train_c2 import plot_training, student_encoder
 
 FEATURES_STEP = "c3_features"
 MODEL_STEP = "c3_model"
-FEATURE_KEYS = ("backbone", "max_length", "context_tokens")
+FEATURE_KEYS = ("backbone", "max_length", "context_tokens", "read_precision")
 
 
 def _code_version() -> str:
@@ -53,7 +53,7 @@ def features_ref(store: ArtifactStore, cfg: C3Config, c4_cfg: C4Config, training
     """`backbone`: stage 04's tuned student backbone, read with instead of `cfg.backbone`."""
     payload = {**{k: cfg.digest_payload()[k] for k in FEATURE_KEYS}, "word_to_number": c4_cfg.word_to_number}
     upstream = [training_sets] + ([backbone] if backbone is not None else [])
-    return store.ref(FEATURES_STEP, artifact_digest(FEATURES_STEP, payload, upstream, source_code_version(c3_model, provenance, encoder_module)))
+    return store.ref(FEATURES_STEP, artifact_digest(FEATURES_STEP, payload, upstream, source_code_version(c3_model, provenance, encoder_module, onnx_read)))
 
 
 def model_ref(store: ArtifactStore, cfg: C3Config, c4_cfg: C4Config, labels: list[str], beam_width: int, max_steps: int, training_sets: ArtifactRef,
@@ -103,7 +103,7 @@ def build_features(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C3Config, 
     c2 = store.read(training_sets, "c2")
     wanted = set(slots["problem_id"].to_list())
     rows = c2.filter(pl.col("problem_id").is_in(wanted)).select("problem_id", "problem")
-    encoder = student_encoder(store, backbone, cfg.backbone, cfg.max_length)
+    encoder = student_encoder(store, backbone, cfg.backbone, cfg.max_length, cfg.read_precision)
     problems = c3_model.read_problems(encoder, rows["problem"].to_list(), c4_cfg.word_to_number, cfg.feature_batch_size, cfg.context_tokens)
     tables = problems_to_tables(rows["problem_id"].to_list(), problems)
     store.write_table(ref, tables, metadata={"n_problems": rows.height, "n_candidates": tables["candidates"].height})

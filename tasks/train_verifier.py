@@ -49,8 +49,8 @@ def _code_version() -> str:
 def verifier_ref(store: ArtifactStore, cfg: MyceliumConfig, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
     search = {k: v for k, v in cfg.eval.digest_payload().items() if k not in ("dataset", "split", "fields", "n_problems", "teacher_problems",
                                                                                "teacher_max_new_tokens", "teacher_batch_size", "teacher_latency_problems",
-                                                                               "easy_max_steps", "rerank", "backbone_runtime")}
-    reading = {k: v for k, v in cfg.c3.digest_payload().items() if k in ("backbone", "max_length", "context_tokens", "max_operands")}
+                                                                               "easy_max_steps", "rerank", "backbone_runtime", "int8_read_threads")}
+    reading = {k: v for k, v in cfg.c3.digest_payload().items() if k in ("backbone", "max_length", "context_tokens", "max_operands", "read_precision")}
     payload = {"verifier": cfg.verifier.digest_payload(), "eval": search, "c2_threshold": cfg.c2.threshold, "c3": reading, "c4": cfg.c4.digest_payload(),
                "steps": cfg.steps.digest_payload()}
     return store.ref(STEP, artifact_digest(STEP, payload, [inputs[k] for k in sorted(inputs)], _code_version()))
@@ -97,7 +97,7 @@ def build_verifier(ref: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: Myceli
     gold = dict(store.read(inputs["problems"], "problems").select("problem_id", "answer").iter_rows())
     unread = [p for p in texts if p not in problems and gold.get(p) is not None]
     if unread:  # problems stage 03 gave no C3 slots (no annotated gold chain) still have a gold answer to rank against
-        encoder = student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length)
+        encoder = student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length, cfg.c3.read_precision)
         read = c3_model.read_problems(encoder, [texts[p] for p in unread], cfg.c4.word_to_number, cfg.c3.feature_batch_size, cfg.c3.context_tokens)
         problems.update(zip(unread, read, strict=True))
     split_of = dict(c2.select("problem_id", "split").iter_rows())

@@ -238,6 +238,10 @@ def test_stage_04_trains_c2_and_a_head_setting_reuses_the_features(local_root):
     # Without tuning there is no such step, and C2 reads with the backbone as shipped.
     _, frozen, _ = run_flow([*overrides, "c3.unfreeze=never"], stages="00-04")
     assert frozen["steps_computed"] == ["c2_features", "c2_model"] and "student_backbone" not in frozen["steps_cached"]
+    # The other read precision re-reads the problems, but tunes nothing again (tuning is float32).
+    other = "float32" if load_config(None, []).c3.read_precision == "int8" else "int8"
+    _, precision, _ = run_flow([*overrides, f"c3.read_precision={other}"], stages="00-04")
+    assert precision["steps_computed"] == ["c2_features", "c2_model"] and "student_backbone" in precision["steps_cached"]
 
 
 STUDENT = [
@@ -295,15 +299,17 @@ def test_stages_05_06_train_c3_and_evaluate_then_eval_another_dataset(local_root
 
 
 def test_a_search_setting_reuses_the_cached_teacher_chain_of_thought(local_root):
-    run_flow(STUDENT, stages="00-06")
-    _, changed, _ = run_flow([*STUDENT, "eval.voting=majority"], stages="00-06")
+    # the float32 student: the one whose stage 06 read has two runtimes to choose from
+    float32 = [*STUDENT, "c3.read_precision=float32"]
+    run_flow(float32, stages="00-06")
+    _, changed, _ = run_flow([*float32, "eval.voting=majority"], stages="00-06")
     # the verifier keeps the epoch whose scores vote best, so it follows the voting rule too
     assert changed["steps_computed"] == ["verifier", "evaluation"]
     assert "teacher_cot" in changed["steps_cached"]
 
     # Reading the problems with PyTorch instead of ONNX Runtime redoes only stage 06, and the
     # student, reading the same features to float rounding, answers the same.
-    _, eager, store = run_flow([*STUDENT, "eval.voting=majority", "eval.backbone_runtime=torch"], stages="00-06")
+    _, eager, store = run_flow([*float32, "eval.voting=majority", "eval.backbone_runtime=torch"], stages="00-06")
     assert eager["steps_computed"] == ["evaluation"]
     manifests = sorted(store.fs.glob(posixpath.join(store.root, "artifacts", "evaluation", "*", "manifest.json")), key=store.fs.modified)
     onnx_read, torch_read = (pl.concat([pl.read_parquet(store.fs.cat_file(part)) for part in store.fs.glob(posixpath.join(posixpath.dirname(m), "results", "*.parquet"))]).sort("problem_id")
@@ -336,6 +342,6 @@ def test_teacher_only_settings_do_not_retrain_the_verifier(tmp_path):
     inputs = {name: store.ref(name, name[0] * 20) for name in ("c3_model", "training_sets")}
     base = verifier_ref(store, load_config(None), inputs)
     teacher_only = ["eval.teacher_problems=7", "eval.teacher_batch_size=4", "eval.teacher_latency_problems=0", "eval.teacher_max_new_tokens=9",
-                    "eval.backbone_runtime=torch"]  # stage 06's read; the verifier's training pools are read by PyTorch
+                    "eval.backbone_runtime=torch", "eval.int8_read_threads=2"]  # stage 06's read only; the verifier's pools do not depend on it
     assert verifier_ref(store, load_config(None, teacher_only), inputs) == base
     assert verifier_ref(store, load_config(None, ["eval.beam_width=5"]), inputs) != base

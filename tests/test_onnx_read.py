@@ -89,3 +89,35 @@ def test_torch_runtime_is_the_encoder_itself_and_a_bad_runtime_is_one_line(reade
     assert onnx_read.reading_encoder(reference, "torch", cache_dir) is reference
     with pytest.raises(ConfigError, match="eval.backbone_runtime"):
         load_config(None, ["eval.backbone_runtime=tensorrt"])
+
+
+def test_the_int8_student_reads_a_problem_alike_alone_and_in_a_padded_batch(readers, cache_dir):
+    reference, _ = readers
+    int8 = onnx_read.int8_encoder(reference, cache_dir)
+    graph = os.path.join(cache_dir, "onnx", onnx_read.weights_key(reference.model, onnx_read.INT8_FORMAT), onnx_read.GRAPH_FILE)
+    assert "MatMulInteger" in {node.op_type for node in onnx.load(graph).graph.node}
+    words, context = dict(CONFIG.c4.word_to_number), CONFIG.c3.context_tokens
+    batched = c3_model.read_problems(int8, PROBLEMS, words, batch_size=3, context_tokens=context, progress=False)
+    floats = c3_model.read_problems(reference, PROBLEMS, words, batch_size=3, context_tokens=context, progress=False)
+    for text, in_batch, exact in zip(PROBLEMS, batched, floats, strict=True):
+        alone = c3_model.read_problems(int8, [text], words, batch_size=1, context_tokens=context, progress=False)[0]
+        # what stage 06 reads (one problem) is bit for bit what the heads were trained on (batches)
+        assert np.array_equal(alone.features, in_batch.features) and np.array_equal(alone.pooled, in_batch.pooled)
+        # int8 moves the features well past float rounding, yet they point the same way
+        assert np.abs(alone.features - exact.features).max() > 1e-3
+        cosine = alone.pooled @ exact.pooled / (np.linalg.norm(alone.pooled) * np.linalg.norm(exact.pooled))
+        assert cosine > 0.98
+    assert np.array_equal(embed_texts(int8, PROBLEMS, 1, progress=False), embed_texts(int8, PROBLEMS, 3, progress=False))
+    # the int8 reader is already stage 06's reader, whatever eval.backbone_runtime says, and
+    # the thread count stage 06 gives it (eval.int8_read_threads) does not change a feature
+    assert onnx_read.reading_encoder(int8, "torch", cache_dir) is int8
+    other_threads = onnx_read.reading_encoder(int8, "onnxruntime", cache_dir, int8_threads=1 if int8.model.threads > 1 else 2)
+    assert other_threads.model.threads != int8.model.threads
+    again = c3_model.read_problems(other_threads, PROBLEMS, words, batch_size=3, context_tokens=context, progress=False)
+    assert all(np.array_equal(a.features, b.features) and np.array_equal(a.pooled, b.pooled) for a, b in zip(again, batched, strict=True))
+    assert onnx_read.student_reader(reference, "float32", cache_dir) is reference
+
+
+def test_a_bad_read_precision_is_one_line():
+    with pytest.raises(ConfigError, match="c3.read_precision"):
+        load_config(None, ["c3.read_precision=int4"])
