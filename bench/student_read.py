@@ -5,7 +5,9 @@ transformer fusions (`onnx_read.fuse_for_onnxruntime`: measured, not faster here
 and two lower-precision reads that stage
 06 does not offer, kept here because they were measured and lost: PyTorch under bfloat16
 autocast (matrix products in bfloat16; this CPU multiplies bfloat16 natively) and PyTorch with
-int8 dynamic quantisation of the linear layers.
+int8 dynamic quantisation of the linear layers. All of them read for the float32 student
+(`c3.read_precision=float32`, whatever `--set` says): the int8 student, trained on its own int8
+read, is compared with it by `bench/student_precision.py`.
 
 Reads:  config.yaml (+ `--set` overrides) and the trained student in the artifact store (by
         default trained on GSM8K train, evaluated on GSM8K test; run stages 00-05 on GSM8K
@@ -62,7 +64,9 @@ class AutocastRead:
 def main() -> int:
     args = parse_arguments(__doc__.splitlines()[0], default_n=300)
 
-    trained = trained_student(args.set)
+    # The reads compared here are float32 reads of a float32 student (the int8 student, whose
+    # heads learn on int8 features, is bench/student_precision.py's).
+    trained = trained_student([*args.set, "c3.read_precision=float32"])
     cfg, store, refs, student = trained.cfg, trained.store, trained.refs, trained.student
     settings = evaluate.search_settings(cfg)
     rows = store.read(refs["problems_eval"], "problems").head(args.n).to_dicts()
