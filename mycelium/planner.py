@@ -38,6 +38,12 @@ class PlannerVocabulary:
     label_of: dict[str, str]  # the label each skeleton carries most often in training
     max_steps: int  # step positions with their own id (later ones share the last)
 
+    def __post_init__(self) -> None:
+        # Positions by name: the search builds a state per chain per depth, and list.index was
+        # a third of that.
+        self.skeleton_index = {s: i for i, s in enumerate(self.skeletons)}
+        self.label_index = {label: i for i, label in enumerate(self.labels)}
+
     @property
     def other(self) -> int:
         return len(self.skeletons)
@@ -67,13 +73,13 @@ def state_vector(pooled: np.ndarray, skeletons_so_far: Sequence[str], labels_so_
     previous = np.zeros(vocab.stop + 1, np.float32)  # STOP's slot marks "no step yet"
     if skeletons_so_far:
         last = skeletons_so_far[-1]
-        previous[vocab.skeletons.index(last) if last in vocab.skeletons else vocab.other] = 1.0
+        previous[vocab.skeleton_index.get(last, vocab.other)] = 1.0
     else:
         previous[vocab.stop] = 1.0
     used_labels = np.zeros(len(vocab.labels), np.float32)
     for label in labels_so_far:
-        if label in vocab.labels:
-            used_labels[vocab.labels.index(label)] += 1.0
+        if (i := vocab.label_index.get(label)) is not None:
+            used_labels[i] += 1.0
     numbers = np.array([unused, n_mentions, unused / max(n_mentions, 1), float(unused == 0)], np.float32)
     return np.concatenate([normalised.astype(np.float32), position, previous, used_labels, numbers])
 
