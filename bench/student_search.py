@@ -20,7 +20,11 @@ You see: for each part its p50/p95 in ms (the read runs as stage 06 runs it,
         row scores and beams are the same either way); and read + search against the issue's
         15 ms target, for all problems and for those with 1-2 gold steps (the target's problems).
 
+`--against KEY=VALUE` (repeatable) adds one more search: the default's settings with those
+overrides (the same trained student and verifier), e.g. the search settings before a change:
+
     python bench/student_search.py [--n 300] [--set eval.prune_margin=2.0] [--set eval.rerank=false]
+    python bench/student_search.py --n 1319 --against eval.prune_margin=3 --against eval.planner_top_k=6
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 from mycelium import c3_model, solver, stats
 from mycelium.reports import format_rate
 from tasks import evaluate
-from trained_student import BOOTSTRAP_RESAMPLES, parse_arguments, percentiles, trained_student
+from trained_student import BOOTSTRAP_RESAMPLES, config_with, parse_arguments, percentiles, trained_student
 
 
 TABLES_PER_CHAIN = "tables built per chain"
@@ -111,7 +115,7 @@ SWAPS = {TABLES_PER_CHAIN: [tables_built_per_chain], ROWS_PER_CHAIN: [every_row_
 
 
 def main() -> int:
-    args = parse_arguments(__doc__.splitlines()[0], default_n=300)
+    args = parse_arguments(__doc__.splitlines()[0], default_n=300, against=True)
 
     trained = trained_student(args.set)
     cfg, store, refs, student = trained.cfg, trained.store, trained.refs, trained.student
@@ -126,6 +130,8 @@ def main() -> int:
     if pruned.rerank and student.verifier is not None:
         variants["no verifier"] = evaluate.search_settings(cfg)
         variants["no verifier"].rerank = False
+    if args.against:
+        variants["--against " + " ".join(args.against)] = evaluate.search_settings(config_with([*args.set, *args.against]))
     variants[TABLES_PER_CHAIN] = pruned
     variants[ROWS_PER_CHAIN] = pruned
     variants[EVERY_PAIR] = pruned

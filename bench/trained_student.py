@@ -54,18 +54,27 @@ class TrainedStudent:
         return c3_model.read_problems(encoder, [text], self.cfg.c4.word_to_number, 1, self.cfg.c3.context_tokens, progress=False)[0]
 
 
-def parse_arguments(description: str, default_n: int) -> argparse.Namespace:
-    """--n (the first N problems of the evaluated dataset) and --set (config overrides)."""
+def parse_arguments(description: str, default_n: int, against: bool = False) -> argparse.Namespace:
+    """--n (the first N problems of the evaluated dataset) and --set (config overrides);
+    with `against`, also --against: overrides of a second configuration to measure beside it."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--n", type=int, default=default_n, help="problems, the first N of the evaluated dataset")
     parser.add_argument("--set", action="append", default=[], help="config override, dotted key=value (repeatable)")
+    if against:
+        parser.add_argument("--against", action="append", default=[],
+                            help="search settings to measure beside the default, as config overrides on top of --set (repeatable)")
     return parser.parse_args()
+
+
+def config_with(overrides: list[str]) -> MyceliumConfig:
+    """The benchmarks' config (GSM8K defaults + `overrides`), without looking for a student."""
+    return load_config(None, [*GSM8K_DEFAULTS, *overrides])
 
 
 def trained_student(overrides: list[str]) -> TrainedStudent:
     """The config (GSM8K defaults + `overrides`) and the refs of its trained student; exits
     with code 2 and a one-line message when any of them is missing from the store."""
-    cfg = load_config(None, [*GSM8K_DEFAULTS, *overrides])
+    cfg = config_with(overrides)
     store = ArtifactStore.from_settings()
     refs = artifact_refs(store, cfg)
     inputs = student_inputs(refs)
