@@ -397,8 +397,9 @@ class PointerScorer(nn.Module):
     def _weight_blocks(self, n_text: int) -> tuple[torch.Tensor, ...]:
         """The candidate layer's text and numeric blocks and the score layer's query, candidate
         and product blocks, each contiguous. A column slice of a weight is strided, and
-        `F.linear` copied it on every call: a fifth of `score_rows`' time. Kept until the
-        weights change (a training step or a loaded state bumps their version)."""
+        `F.linear` copied it on every call (~7% of `score_rows`' time on the GSM8K student's
+        easy problems). Kept until the weights change (a training step or a loaded state
+        bumps their version)."""
         candidate_weight, score_weight = self.candidate[0].weight, self.score[0].weight
         key = (n_text, candidate_weight.data_ptr(), candidate_weight._version, score_weight.data_ptr(), score_weight._version)
         if getattr(self, "_blocks_key", None) != key:

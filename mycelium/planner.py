@@ -39,8 +39,8 @@ class PlannerVocabulary:
     max_steps: int  # step positions with their own id (later ones share the last)
 
     def __post_init__(self) -> None:
-        # Positions by name: the search builds a state per chain per depth, and list.index was
-        # a third of that.
+        # Positions by name: the search builds a state per chain per depth, and list.index
+        # walks the whole list each time.
         self.skeleton_index = {s: i for i, s in enumerate(self.skeletons)}
         self.label_index = {label: i for i, label in enumerate(self.labels)}
 
