@@ -70,8 +70,8 @@ def main() -> int:
               f"latency p50 {easy.median():.1f} ms (1-2 steps, n={easy.len()}) / {hard.median():.1f} ms (more, n={hard.len()})")
     test = evaluate.mcnemar(b["student_correct"].to_list(), a["student_correct"].to_list())
     print(f"B right where A is wrong: {test['only_student']}; A right where B is wrong: {test['only_other']}; McNemar exact p = {test['p_value']:.3g}")
-    # The teacher's chain of thought runs on a seeded subset (eval.teacher_problems, default
-    # 100); both students on those ids, for a comparison with a teacher run made elsewhere.
+    # The teacher's chain of thought runs on a seeded subset (eval.teacher_problems; pass the
+    # value the compared run used); both students on those ids, for a comparison with it.
     subset_cfg = load_config(None, [*GSM8K_DEFAULTS, *args.b])
     refs = artifact_refs(store, subset_cfg)
     evaluated = select_problems(store, refs["problems_eval"], refs["training_sets"], subset_cfg)["problem_id"].to_list()

@@ -5,8 +5,8 @@ from stage 03's `c3_slots` / `c3_operands`), the backbone named by `c3.backbone`
 `c3` config section (`fine_tune_*` keys, `learning_rate` for the backbone,
 `head_learning_rate` for the pointer). Writes nothing itself: `tasks/tune_backbone.py` stores
 the tuned weights as an artifact that C2, C3 and the student then read problems with.
-Time: on 2 CPU cores about 2-4 min per epoch over ~4.7k GSM8K training problems with the top
-layers trained (`fine_tune_layers`); the shipped sample: seconds.
+Time: on 2 CPU cores ~3.2 min per epoch over ~4.7k GSM8K training problems with all 6 layers
+trained (`fine_tune_layers`; ~2.4 min with 3); the shipped sample: ~1 min 20 s per epoch.
 You should see: per epoch the training loss and the validation pointer loss and top-1, the
 same numbers the frozen-feature pointer reports, so the two can be read side by side.
 

@@ -7,8 +7,8 @@ Writes: artifact `teacher_cot`, table `answers`: problem_id, the extracted final
         `eval.teacher_latency_problems` only; null for the rest, which run batched). Cached on
         its own, apart from the student's evaluation: it is the slow part (SmolLM2-135M writes
         14-28 tokens/s on 2 CPU cores one problem at a time, 10-25 s per GSM8K problem; in
-        batches of 16, 3.4-7.5 s a problem: the default 200 took 28 min on a slow day), and a
-        change to the search must not redo it.
+        batches of 16, 2.5-7.5 s a problem: the default 500, all of the shipped test set, took
+        22 min on 2026-12-04; 200 took 10-28 min), and a change to the search must not redo it.
 You should see: a progress bar over the teacher's subset, then the count and the wall time.
 The subset is a seeded random sample of `eval.teacher_problems` of the evaluated problems;
 decoding is greedy, at most `eval.teacher_max_new_tokens` tokens.
@@ -55,7 +55,7 @@ def select_problems(store: ArtifactStore, eval_problems: ArtifactRef, training_s
 
 
 def teacher_ref(store: ArtifactStore, cfg: MyceliumConfig, eval_problems: ArtifactRef, training_sets: ArtifactRef) -> ArtifactRef:
-    """The teacher's chain of thought is its own artifact: ~15-30 min for 200 problems on a CPU,
+    """The teacher's chain of thought is its own artifact: ~20-60 min for 500 problems on a CPU,
     so a change to the student's search must not redo it, and neither must retraining when the
     problems come from `eval.dataset` (only the held-out split depends on the training sets)."""
     payload = {"teacher": {k: v for k, v in cfg.teacher.digest_payload().items() if k not in ("device", "torch_threads")},
