@@ -76,9 +76,10 @@ def main() -> int:
     refs = artifact_refs(store, subset_cfg)
     evaluated = select_problems(store, refs["problems_eval"], refs["training_sets"], subset_cfg)["problem_id"].to_list()
     subset = set(teacher_subset(evaluated, subset_cfg))
-    for name in ("A", "B") if subset else ():  # eval.teacher_problems=0: no subset to compare on
-        on = results[name].filter(pl.col("problem_id").is_in(subset))
-        print(f"student {name} on the teacher's {len(subset)}-problem subset (eval.seed {subset_cfg.eval.seed}): {rate(int(on['student_correct'].sum()), on.height)}")
+    if subset:  # empty with eval.teacher_problems=0
+        for name in ("A", "B"):
+            on = results[name].filter(pl.col("problem_id").is_in(subset))
+            print(f"student {name} on the teacher's {len(subset)}-problem subset (eval.seed {subset_cfg.eval.seed}): {rate(int(on['student_correct'].sum()), on.height)}")
     for label, (low, high) in LENGTHS.items():
         rows = pl.col("n_gold_steps").is_between(low, high)
         pa, pb = a.filter(rows), b.filter(rows)
