@@ -17,7 +17,7 @@ Time:   the student: one MiniLM pass per problem (ONNX Runtime by default, `eval
         The teacher's chain of thought (tasks/teacher_cot.py): the `eval.teacher_problems`
         subset (200 by default, batched after the first 10) costs ~15-30 min on 2 CPU cores.
 You should see: accuracy with count and 95% Wilson interval for the student, the teacher's own
-chain of thought, the nearest-neighbour baseline and the oracle; McNemar p-values of the
+chain of thought, the nearest-neighbour baseline, the gold plan with C3's operands and the oracle; McNemar p-values of the
 student against each; correct-in-beam@k; the share of problems where the search found any
 valid chain; latency p50/p95 for easy and hard problems; per MATH level and subject.
 
@@ -29,6 +29,10 @@ Systems, on the same problem ids:
              extracted (boxed, ####, "the answer is", else the last number).
   nearest    the most similar training problem (cosine of the same MiniLM embedding) lends
              its step sequence (label, skeleton per step); C3 fills the operands.
+  gold_plan  the problem's own gold step sequence (label and skeleton per step, as the
+             oracle reads them) with C3 filling the operands — the student given a perfect
+             step planner, so that its gap to the student is what planning costs and its gap
+             to the oracle what choosing operands costs. Defined where the oracle is.
   oracle     the problem's own gold steps (stage 02's splitter) and gold operands (stage
              03's provenance) through C4 — what the assembler can express at best. Defined
              only where the gold solution has annotated steps.
@@ -73,13 +77,13 @@ from mycelium.store import (
 from tasks.teacher_cot import select_problems
 
 STEP = "evaluation"
-SYSTEMS = ("student", "teacher", "nearest", "oracle")
+SYSTEMS = ("student", "teacher", "nearest", "gold_plan", "oracle")
 RESULTS_SCHEMA = {
     "problem_id": pl.Utf8, "level": pl.Int64, "subject": pl.Utf8, "source": pl.Utf8, "gold": pl.Utf8, "n_gold_steps": pl.Int32,
     "student_answer": pl.Utf8, "student_correct": pl.Boolean, "student_numeric": pl.Boolean, "student_math_verify": pl.Boolean,
     "student_hendrycks": pl.Boolean, "student_in_beam": pl.Boolean, "student_in_pool": pl.Boolean, "student_labels": pl.List(pl.Utf8), "student_expression": pl.Utf8,
     "student_chains": pl.Int32, "student_ms": pl.Float64, "nearest_problem": pl.Utf8, "nearest_answer": pl.Utf8,
-    "nearest_correct": pl.Boolean, "oracle_answer": pl.Utf8, "oracle_correct": pl.Boolean, "teacher_answer": pl.Utf8,
+    "nearest_correct": pl.Boolean, "gold_plan_answer": pl.Utf8, "gold_plan_correct": pl.Boolean, "oracle_answer": pl.Utf8, "oracle_correct": pl.Boolean, "teacher_answer": pl.Utf8,
     "teacher_correct": pl.Boolean, "teacher_ms": pl.Float64, "teacher_text": pl.Utf8,
 }
 MATH_SOURCE = "math"
@@ -167,18 +171,25 @@ def gold_step_settings(cfg: MyceliumConfig) -> steps.StepSettings:
                               rel_tol=cfg.steps.result_rel_tol, pow_subtypes=list(cfg.ib.pow_subtypes), labels=list(cfg.c2.labels))
 
 
+def gold_steps(row: dict, step_settings: steps.StepSettings) -> list[steps.Step]:
+    """The steps of the row's gold solution (none: it has no annotated step stage 02 can read)."""
+    return steps.split_solution({"problem_id": row["problem_id"], "solution": row.get("solution") or ""}, step_settings).steps
+
+
 def gold_step_count(row: dict, step_settings: steps.StepSettings) -> int:
     """The number of steps of the row's gold solution (0: none could be read)."""
-    return len(steps.split_solution({"problem_id": row["problem_id"], "solution": row.get("solution") or ""}, step_settings).steps)
+    return len(gold_steps(row, step_settings))
 
 
-def oracle_answer(row: dict, step_settings: steps.StepSettings, prov_settings: provenance.ProvenanceSettings, search: solver.SearchSettings) -> tuple[float | None, int]:
-    """Gold steps and gold operands through C4; (answer, number of gold steps)."""
-    split = steps.split_solution({"problem_id": row["problem_id"], "solution": row.get("solution") or ""}, step_settings)
-    if not split.steps:
-        return None, 0
+def gold_plan(split: list[steps.Step]) -> list[tuple[str, str]]:
+    """The gold solution's (label, skeleton) per step, in order: what a perfect planner proposes."""
+    return [(step.label, provenance.skeleton_of(step.expression_text)) for step in split]
+
+
+def oracle_answer(row: dict, split: list[steps.Step], prov_settings: provenance.ProvenanceSettings, search: solver.SearchSettings) -> float | None:
+    """Gold steps (`split`, at least one) and gold operands through C4."""
     step_rows = [{"step_index": s.index, "expression": s.expression_text, "result": s.result_text, "value": s.value,
-                  "char_start": s.char_start, "char_end": s.char_end} for s in split.steps]
+                  "char_start": s.char_start, "char_end": s.char_end} for s in split]
     labelled = provenance.label_problem(str(row["problem_id"]), str(row["problem"]), str(row["solution"]), step_rows, prov_settings)
     by_step: dict[int, list] = {}
     for operand in labelled.operands:
@@ -189,8 +200,7 @@ def oracle_answer(row: dict, step_settings: steps.StepSettings, prov_settings: p
         operands = sorted(by_step.get(step["step_index"], []), key=lambda o: o.operand_index)
         values.append([o.value for o in operands])
         refs.append([position[o.prior_step] if o.provenance == provenance.PRIOR else None for o in operands])
-    results = solver.solve_plan_values(labelled.skeletons, values, refs, search)
-    return results[-1], len(step_rows)
+    return solver.solve_plan_values(labelled.skeletons, values, refs, search)[-1]
 
 
 def nearest_plans(eval_vectors: np.ndarray, train_vectors: np.ndarray, train_ids: list[str], plans: dict[str, list[tuple[str, str]]]) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -254,8 +264,10 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
         in_pool = None if gold_rank is None else gold_rank >= 0
         near = solver.solve(student, problem, search, plan=plan) if plan else None
         near_answer = format_answer(near.answer) if near else None
-        oracle_value, n_gold_steps = oracle_answer(row, step_settings, prov_settings, search)
-        oracle = format_answer(oracle_value) if n_gold_steps else None
+        split = gold_steps(row, step_settings)
+        n_gold_steps = len(split)
+        planned = format_answer(solver.solve(student, problem, search, plan=gold_plan(split)).answer) if split else None
+        oracle = format_answer(oracle_answer(row, split, prov_settings, search)) if split else None
         record = {
             "problem_id": row["problem_id"], "level": row.get("level"), "subject": row.get("subject"), "source": row.get("source"),
             "gold": row.get("answer"), "n_gold_steps": n_gold_steps,
@@ -265,6 +277,8 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
             "student_chains": solution.n_chains, "student_ms": solution.seconds * 1000.0,
             "nearest_problem": neighbour_id or None, "nearest_answer": near_answer,
             "nearest_correct": correct(check(near_answer, row.get("answer"), is_math, cfg), is_math),
+            "gold_plan_answer": planned,
+            "gold_plan_correct": correct(check(planned, row.get("answer"), is_math, cfg), is_math) if n_gold_steps else None,
             "oracle_answer": oracle, "oracle_correct": correct(check(oracle, row.get("answer"), is_math, cfg), is_math) if n_gold_steps else None,
             "teacher_answer": None, "teacher_correct": None, "teacher_ms": None, "teacher_text": None,
         }
@@ -304,7 +318,7 @@ def summarise(results: pl.DataFrame, cfg: MyceliumConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"n_problems": results.height, "backbone_runtime": cfg.eval.backbone_runtime}
     for system in SYSTEMS:
         summary[f"{system}_accuracy"] = _accuracy(results[f"{system}_correct"])
-    for system in ("teacher", "nearest", "oracle"):
+    for system in SYSTEMS[1:]:
         paired = results.filter(pl.col(f"{system}_correct").is_not_null())
         summary[f"mcnemar_student_vs_{system}"] = mcnemar(paired["student_correct"].to_list(), paired[f"{system}_correct"].to_list())
     teacher_rows = results.filter(pl.col("teacher_correct").is_not_null())
@@ -341,6 +355,7 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
             ("student on the\nteacher's subset", summary["student_accuracy_on_teacher_subset"], "#a6bddb"),
             ("teacher", summary["teacher_accuracy"], "#dd8452"),
             ("nearest", summary["nearest_accuracy"], "#55a868"),
+            ("gold plan\n+ C3 operands", summary["gold_plan_accuracy"], "#c44e52"),
             ("oracle", summary["oracle_accuracy"], "#8172b3")]
     bars = [(name, a, colour) for name, a, colour in bars if a["n"]]
     figure, axis = plt.subplots(figsize=(8, 4))
@@ -373,8 +388,7 @@ def build_evaluation(ref: ArtifactRef, eval_problems: ArtifactRef, teacher: Arti
 def evaluate_task(ref: ArtifactRef, eval_problems: ArtifactRef, teacher: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: MyceliumConfig) -> ArtifactRef:
     logger = get_run_logger()
     summary = build_evaluation(ref, eval_problems, teacher, inputs, cfg, log=logger.info)
-    logger.info("evaluation: student %s, teacher %s, nearest %s, oracle %s",
-                *(_short(summary[f"{s}_accuracy"]) for s in SYSTEMS))
+    logger.info("evaluation: %s", ", ".join(f"{s} {_short(summary[f'{s}_accuracy'])}" for s in SYSTEMS))
     return ref
 
 
@@ -405,6 +419,9 @@ def report_section(store: ArtifactStore, ref: ArtifactRef) -> ReportSection:
         lines.append(f"| {system} | {_short(a)} | {a['correct']} / {a['n']} | {'—' if system == 'student' else _p_value(p)} |")
     subset = s["student_accuracy_on_teacher_subset"]
     lines += [
+        "",
+        "gold_plan is the student's search held to the gold solution's steps (labels and skeletons in order), C3 choosing the operands: "
+        "its gap to the student is what planning costs, its gap to the oracle what choosing operands costs.",
         "",
         f"Student on the teacher's subset: {_short(subset)}. Gold answer among the student's top {s['student_in_beam']['k']} answers: "
         f"{_short(s['student_in_beam'])}; among the answers of every chain the search finished: {_short(s['student_in_pool'])} "

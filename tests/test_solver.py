@@ -14,6 +14,7 @@ import pytest
 from mycelium import c3_model, solver
 from mycelium.config import load_config
 from tasks import evaluate
+from tasks.training_data import settings_from
 
 TIMEOUT, MAX_LENGTH = 2.0, 500
 
@@ -128,7 +129,7 @@ def test_summary_counts_and_intervals():
     for i in range(10):
         rows.append({"problem_id": str(i), "n_gold_steps": 1 + i % 4, "student_correct": i < 6, "student_in_beam": i < 8, "student_in_pool": i < 9,
                      "student_chains": 0 if i == 9 else 3, "student_ms": float(i), "nearest_correct": i < 2,
-                     "oracle_correct": True, "teacher_correct": (i < 1) if i < 5 else None, "teacher_ms": 1000.0 if i < 5 else None,
+                     "gold_plan_correct": i < 7, "oracle_correct": True, "teacher_correct": (i < 1) if i < 5 else None, "teacher_ms": 1000.0 if i < 5 else None,
                      "source": "gsm8k"})
     results = pl.DataFrame(rows)
     summary = evaluate.summarise(results, cfg)
@@ -139,6 +140,7 @@ def test_summary_counts_and_intervals():
     assert summary["student_in_beam"]["correct"] == 8 and summary["student_in_pool"]["correct"] == 9
     assert summary["latency_student_easy"]["n"] + summary["latency_student_hard"]["n"] == 10
     assert summary["mcnemar_student_vs_nearest"]["only_student"] == 4
+    assert summary["gold_plan_accuracy"]["correct"] == 7 and summary["mcnemar_student_vs_gold_plan"]["only_other"] == 1
 
 
 def test_coverage_prior_charges_for_each_written_number_left_unused():
@@ -224,6 +226,26 @@ def test_pruning_keeps_the_winner_and_drops_only_chains_far_below_it():
         assert all(c.score < everything[0].score - settings.prune_margin for c in dropped)
         n_dropped += len(dropped)
     assert n_dropped > 0  # the margin did cut something on these problems
+
+
+def test_the_gold_plan_holds_the_search_to_the_gold_steps_while_c3_picks_the_operands():
+    student, cfg = seeded_student(1)
+    settings = evaluate.search_settings(cfg)
+    settings.beam_width = 40  # untrained scores favour constants: a wide beam lets some chain take the first result
+    row = {"problem_id": "g1", "problem": PROBLEMS[0],
+           "solution": "3 bags of 4 are 3*4=<<3*4=12>>12. With his 5 he has <<12+5=17>>17.\n#### 17"}
+    split = evaluate.gold_steps(row, evaluate.gold_step_settings(cfg))
+    plan = evaluate.gold_plan(split)
+    assert plan == [("MUL", "{0}*{1}"), ("ADD", "{0}+{1}")]
+    assert evaluate.oracle_answer(row, split, settings_from(cfg.training_data, cfg.c4, cfg.steps), settings) == 17.0
+    problem = seeded_problem(PROBLEMS[0], 1)
+    _, probabilities = solver.predict_labels(student, problem.pooled, settings.threshold)
+    chains = solver.find_chains(student, problem, [label for label, _ in plan], probabilities, settings, plan)
+    assert chains and all([(s.label, s.skeleton) for s in chain.steps] == plan for chain in chains)
+    assert all(solver.every_result_used(chain) for chain in chains)
+    # the operands are C3's choices among what the problem offers, so they differ across chains
+    assert len({tuple(tuple(s.operands) for s in chain.steps) for chain in chains}) > 1
+    assert solver.solve(student, problem, settings, plan=plan).chain.steps[-1].skeleton == "{0}+{1}"
 
 
 def test_one_pass_over_the_beam_proposes_what_each_chain_proposes_alone():
