@@ -11,15 +11,20 @@ Writes: artifact `teacher_cot` (table `answers`: the teacher's generated text, e
         and, for its timed problems, seconds — cached apart, since it is the slow part) and
         artifact `evaluation` with table `results` (one row per problem: gold, every system's
         answer and correctness, the student's labels, chain and latency) and files
-        `summary.json`, `accuracy.png`.
+        `summary.json`, `accuracy.png`, `accuracy_by_length.png`.
 Time:   the student: one MiniLM pass per problem (ONNX Runtime by default, `eval.backbone_runtime`;
-        exported once, ~10 s) plus the search, ~10-100 ms on 2 CPU cores.
+        exported once, ~10 s) plus the search, ~10-100 ms on 2 CPU cores; the nearest-neighbour
+        and gold-plan baselines each run one more (fixed-plan) search per problem, untimed —
+        all 1,319 GSM8K test problems take 1-2 min in all.
         The teacher's chain of thought (tasks/teacher_cot.py): the `eval.teacher_problems`
-        subset (200 by default, batched after the first 10) costs ~15-30 min on 2 CPU cores.
+        subset (500 by default, batched after the first 10) costs ~22 min on 2 CPU cores.
 You should see: accuracy with count and 95% Wilson interval for the student, the teacher's own
 chain of thought, the nearest-neighbour baseline, the gold plan with C3's operands and the oracle; McNemar p-values of the
 student against each; correct-in-beam@k; the share of problems where the search found any
-valid chain; latency p50/p95 for easy and hard problems; per MATH level and subject.
+valid chain; latency p50/p95 for easy and hard problems; per MATH level and subject; and by
+the length of the gold solution (steps, the last group `eval.max_steps` or more — longer than
+the search builds) each system's accuracy beside how often the student's pool held the gold
+answer, as a table and `accuracy_by_length.png`.
 
 Systems, on the same problem ids:
   student    C2 labels → beam search over chains (C3 operands, C4 arithmetic) → the chain
@@ -314,6 +319,26 @@ def _percentiles(values: pl.Series) -> dict[str, Any]:
     return {"n": len(data), "p50_ms": float(np.percentile(data, 50)), "p95_ms": float(np.percentile(data, 95))}
 
 
+LENGTH_SYSTEMS = ("student", "nearest", "gold_plan", "oracle")  # the teacher answers only a subset
+
+
+def length_group(n_steps: int, longest: int) -> str:
+    """The name of a gold-length group: the step count, or "`longest`+" for that many or more."""
+    return f"{longest}+" if n_steps >= longest else str(n_steps)
+
+
+def by_gold_steps(results: pl.DataFrame, longest: int) -> dict[str, dict[str, Any]]:
+    """Per length of the gold solution (problems with readable gold steps; `longest` or more
+    share the last group), shortest first: how many problems, each of LENGTH_SYSTEMS'
+    accuracy and how often the gold answer was among the student's finished chains."""
+    rows = results.filter(pl.col("n_gold_steps") > 0).with_columns(pl.col("n_gold_steps").clip(upper_bound=longest).alias("length"))
+    groups = {}
+    for (length,), group in sorted(rows.group_by("length"), key=lambda item: item[0][0]):
+        groups[length_group(int(length), longest)] = {"n": group.height, "student_in_pool": _accuracy(group["student_in_pool"]),
+                                                      **{system: _accuracy(group[f"{system}_correct"]) for system in LENGTH_SYSTEMS}}
+    return groups
+
+
 def summarise(results: pl.DataFrame, cfg: MyceliumConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"n_problems": results.height, "backbone_runtime": cfg.eval.backbone_runtime}
     for system in SYSTEMS:
@@ -331,6 +356,7 @@ def summarise(results: pl.DataFrame, cfg: MyceliumConfig) -> dict[str, Any]:
     summary["latency_student_hard"] = _percentiles(results.filter(~easy)["student_ms"])
     summary["latency_student_all"] = _percentiles(results["student_ms"])
     summary["latency_teacher_all"] = _percentiles(results["teacher_ms"])
+    summary["by_gold_steps"] = by_gold_steps(results, cfg.eval.max_steps)
     ratio = (teacher_rows["teacher_ms"] / teacher_rows["student_ms"]).drop_nulls()  # only the teacher's timed problems
     if ratio.len():
         summary["teacher_over_student_latency_median"] = float(ratio.median())
@@ -371,6 +397,43 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
+LENGTH_COLOURS = {"student": "#4c72b0", "nearest": "#55a868", "gold_plan": "#c44e52", "oracle": "#8172b3"}  # as in plot_accuracy
+
+
+def plot_by_length(summary: dict[str, Any], path: str | Path) -> Path:
+    """Grouped bars per gold-solution length, one per system with its Wilson interval, and
+    the share of problems whose gold answer the student's pool held as a black tick: the gap
+    between tick and the student's bar is what ranking loses, between the student and the gold
+    plan what planning loses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = summary["by_gold_steps"]
+    names = list(groups)
+    figure, axis = plt.subplots(figsize=(9, 4.6))
+    width = 0.8 / len(LENGTH_SYSTEMS)
+    for k, system in enumerate(LENGTH_SYSTEMS):
+        rates = [groups[g][system] for g in names]
+        positions = [i - 0.4 + width * (k + 0.5) for i in range(len(names))]
+        axis.bar(positions, [r["accuracy"] or 0.0 for r in rates], width,
+                 yerr=[[(r["accuracy"] - r["low"]) if r["n"] else 0.0 for r in rates], [(r["high"] - r["accuracy"]) if r["n"] else 0.0 for r in rates]],
+                 capsize=2, color=LENGTH_COLOURS[system], label=system.replace("_", " "))
+    pool = [groups[g]["student_in_pool"] for g in names]
+    axis.scatter(range(len(names)), [r["accuracy"] or 0.0 for r in pool], marker="_", s=900, color="black", zorder=3,
+                 label="gold answer in the student's pool")
+    axis.set_xticks(range(len(names)), [f"{g} step{'' if g == '1' else 's'}\n(n={groups[g]['n']})" for g in names])
+    axis.set_ylabel("accuracy (95% Wilson interval)")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=8, markerscale=0.3, ncol=len(LENGTH_SYSTEMS) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: the oracle's bars reach the top
+    axis.set_title("Stage 06 by length of the gold solution")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return Path(path)
+
+
 def build_evaluation(ref: ArtifactRef, eval_problems: ArtifactRef, teacher: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: MyceliumConfig,
                      log=print) -> dict[str, Any]:
     store = ArtifactStore.for_ref(ref)
@@ -379,6 +442,8 @@ def build_evaluation(ref: ArtifactRef, eval_problems: ArtifactRef, teacher: Arti
     summary["dataset"] = cfg.eval.dataset or "the held-out validation split"
     with tempfile.TemporaryDirectory() as folder:
         store.write_file(ref, "accuracy.png", plot_accuracy(summary, Path(folder) / "accuracy.png").read_bytes())
+        if summary["by_gold_steps"]:
+            store.write_file(ref, "accuracy_by_length.png", plot_by_length(summary, Path(folder) / "accuracy_by_length.png").read_bytes())
     store.write_file(ref, "summary.json", json.dumps(summary, indent=2, default=float).encode())
     store.write_table(ref, {"results": results}, metadata={"n_problems": results.height})
     return summary
@@ -400,6 +465,11 @@ def _p_value(p: float | None) -> str:
 
 def _short(a: dict) -> str:
     return f"{a['accuracy']:.3f} [{a['low']:.3f}, {a['high']:.3f}] (n={a['n']})" if a["n"] else "not run"
+
+
+def _rate(a: dict) -> str:
+    """A table cell: count, share and 95% interval."""
+    return f"{a['correct']} ({100 * a['accuracy']:.0f}% [{100 * a['low']:.0f}, {100 * a['high']:.0f}])" if a["n"] else "—"
 
 
 def report_section(store: ArtifactStore, ref: ArtifactRef) -> ReportSection:
@@ -447,8 +517,18 @@ def report_section(store: ArtifactStore, ref: ArtifactRef) -> ReportSection:
         for key in ("level", "subject"):
             lines += ["", f"| {key} | student accuracy |", "|---|---|"]
             lines += [f"| {k} | {_short(v)} |" for k, v in sorted(s[f"student_by_{key}"].items())]
-    figures = {"accuracy.png": store.read_file(ref, "accuracy.png")} if "accuracy.png" in manifest.files else {}
-    if figures:
+    groups = s.get("by_gold_steps") or {}
+    if groups:
+        lines += ["", "By length of the gold solution (its readable steps; the last group is as long as the longest chain the search "
+                  "builds, or longer). \"In pool\": the gold answer was among the student's finished chains — the most any ranking "
+                  "of them could get.", "",
+                  "| gold steps | n | student | in pool | nearest | gold_plan | oracle |", "|---|---|---|---|---|---|---|"]
+        for name, g in groups.items():
+            lines.append(f"| {name} | {g['n']} | " + " | ".join(_rate(g[k]) for k in ("student", "student_in_pool", "nearest", "gold_plan", "oracle")) + " |")
+    figures = {name: store.read_file(ref, name) for name in ("accuracy.png", "accuracy_by_length.png") if name in manifest.files}
+    if "accuracy.png" in figures:
         lines += ["", "![accuracy](accuracy.png)"]
+    if "accuracy_by_length.png" in figures:
+        lines += ["", "![accuracy by gold length](accuracy_by_length.png)"]
     flat = {f"eval_{k}": v for k, v in s.items()}
     return ReportSection(flat, "\n".join(lines) + "\n", figures)

@@ -269,6 +269,9 @@ def test_stages_05_06_train_c3_and_evaluate_then_eval_another_dataset(local_root
     assert summary["eval_gold_plan_accuracy"]["n"] == summary["eval_mcnemar_student_vs_gold_plan"]["n_pairs"] == n
     report = store.fs.cat_file(report_path).decode()
     assert "## Stage 05" in report and "## Stage 06" in report and "McNemar" in report and "| gold_plan |" in report
+    # both problems have readable gold steps, so both sit in the per-length table and its figure
+    assert sum(g["n"] for g in summary["eval_by_gold_steps"].values()) == n
+    assert "| gold steps | n | student | in pool |" in report and "accuracy_by_length.png" in report
     assert summary["planner_top1"]["n"] >= 2 and "Step planner" in report  # a state per gold step, and STOP
     assert "## Stage 05 — chain verifier" in report and summary["verifier_search_right"]["n"] == n
     defaults = load_config(None, [])  # the verifier learns from a wider search than stage 06 runs, and says so

@@ -141,6 +141,22 @@ def test_summary_counts_and_intervals():
     assert summary["latency_student_easy"]["n"] + summary["latency_student_hard"]["n"] == 10
     assert summary["mcnemar_student_vs_nearest"]["only_student"] == 4
     assert summary["gold_plan_accuracy"]["correct"] == 7 and summary["mcnemar_student_vs_gold_plan"]["only_other"] == 1
+    # Gold lengths 1,2,3,4,1,2,3,4,1,2: the student is right on problems 0-5, its pool holds 0-8
+    # (length 1: problems 0, 4, 8).
+    lengths = summary["by_gold_steps"]
+    assert list(lengths) == ["1", "2", "3", "4"] and sum(g["n"] for g in lengths.values()) == 10
+    assert (lengths["1"]["n"], lengths["1"]["student"]["correct"], lengths["1"]["student_in_pool"]["correct"]) == (3, 2, 3)
+    assert (lengths["4"]["student"]["correct"], lengths["4"]["gold_plan"]["correct"], lengths["4"]["oracle"]["correct"]) == (1, 1, 2)
+
+
+def test_gold_lengths_at_the_search_limit_share_one_group_and_unreadable_solutions_none():
+    rows = [{"n_gold_steps": n, "student_correct": n == 2, "student_in_pool": n <= 3, "nearest_correct": False,
+             "gold_plan_correct": None if n == 0 else n < 3, "oracle_correct": None if n == 0 else True} for n in (0, 2, 2, 3, 5, 9)]
+    groups = evaluate.by_gold_steps(pl.DataFrame(rows), longest=3)
+    assert list(groups) == ["2", "3+"]  # the problem with no readable gold step is in no group
+    assert groups["2"]["n"] == 2 and groups["2"]["student"]["correct"] == 2 and groups["2"]["gold_plan"]["correct"] == 2
+    assert groups["3+"]["n"] == 3 and groups["3+"]["student_in_pool"]["correct"] == 1 and groups["3+"]["oracle"]["correct"] == 3
+    assert groups["3+"]["student"]["high"] < 0.75  # 0 of 3, with its interval
 
 
 def test_coverage_prior_charges_for_each_written_number_left_unused():
