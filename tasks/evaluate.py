@@ -370,6 +370,9 @@ def summarise(results: pl.DataFrame, cfg: MyceliumConfig) -> dict[str, Any]:
     return summary
 
 
+SYSTEM_COLOURS = {"student": "#4c72b0", "teacher": "#dd8452", "nearest": "#55a868", "gold_plan": "#c44e52", "oracle": "#8172b3"}  # one per system, in every figure
+
+
 def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
     import matplotlib
 
@@ -377,12 +380,12 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     # The teacher answers a subset, so the student's bar on that same subset stands beside it.
-    bars = [("student", summary["student_accuracy"], "#4c72b0"),
+    bars = [("student", summary["student_accuracy"], SYSTEM_COLOURS["student"]),
             ("student on the\nteacher's subset", summary["student_accuracy_on_teacher_subset"], "#a6bddb"),
-            ("teacher", summary["teacher_accuracy"], "#dd8452"),
-            ("nearest", summary["nearest_accuracy"], "#55a868"),
-            ("gold plan\n+ C3 operands", summary["gold_plan_accuracy"], "#c44e52"),
-            ("oracle", summary["oracle_accuracy"], "#8172b3")]
+            ("teacher", summary["teacher_accuracy"], SYSTEM_COLOURS["teacher"]),
+            ("nearest", summary["nearest_accuracy"], SYSTEM_COLOURS["nearest"]),
+            ("gold plan\n+ C3 operands", summary["gold_plan_accuracy"], SYSTEM_COLOURS["gold_plan"]),
+            ("oracle", summary["oracle_accuracy"], SYSTEM_COLOURS["oracle"])]
     bars = [(name, a, colour) for name, a, colour in bars if a["n"]]
     figure, axis = plt.subplots(figsize=(8, 4))
     axis.bar([f"{name}\n(n={a['n']})" for name, a, _ in bars], [a["accuracy"] for _, a, _ in bars],
@@ -395,9 +398,6 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return Path(path)
-
-
-LENGTH_COLOURS = {"student": "#4c72b0", "nearest": "#55a868", "gold_plan": "#c44e52", "oracle": "#8172b3"}  # as in plot_accuracy
 
 
 def plot_by_length(summary: dict[str, Any], path: str | Path) -> Path:
@@ -419,7 +419,7 @@ def plot_by_length(summary: dict[str, Any], path: str | Path) -> Path:
         positions = [i - 0.4 + width * (k + 0.5) for i in range(len(names))]
         axis.bar(positions, [r["accuracy"] or 0.0 for r in rates], width,
                  yerr=[[(r["accuracy"] - r["low"]) if r["n"] else 0.0 for r in rates], [(r["high"] - r["accuracy"]) if r["n"] else 0.0 for r in rates]],
-                 capsize=2, color=LENGTH_COLOURS[system], label=system.replace("_", " "))
+                 capsize=2, color=SYSTEM_COLOURS[system], label=system.replace("_", " "))
     pool = [groups[g]["student_in_pool"] for g in names]
     axis.scatter(range(len(names)), [r["accuracy"] or 0.0 for r in pool], marker="_", s=900, color="black", zorder=3,
                  label="gold answer in the student's pool")
