@@ -23,6 +23,7 @@ from flows.pipeline import artifact_refs, student_inputs
 from mycelium import c3_model, solver
 from mycelium.config import MyceliumConfig, Settings, load_config
 from mycelium.encoder import Encoder
+from mycelium.errors import MyceliumError
 from mycelium.onnx_read import reading_encoder
 from mycelium.store import ArtifactRef, ArtifactStore
 from tasks import evaluate
@@ -76,7 +77,11 @@ def trained_student(overrides: list[str]) -> TrainedStudent:
     with code 2 and a one-line message when any of them is missing from the store."""
     cfg = config_with(overrides)
     store = ArtifactStore.from_settings()
-    refs = artifact_refs(store, cfg)
+    try:
+        refs = artifact_refs(store, cfg)
+    except MyceliumError as exc:  # e.g. the GSM8K files are not where the config says (run from the repository root)
+        print(f"bench: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     inputs = student_inputs(refs)
     missing = [step for step, ref in [*inputs.items(), ("problems_eval", refs["problems_eval"])] if not store.is_complete(ref)]
     if missing:
