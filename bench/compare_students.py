@@ -25,22 +25,16 @@ sys.path.insert(0, str(ROOT))
 import polars as pl
 
 from flows.pipeline import artifact_refs
-from mycelium import stats
 from mycelium.config import load_config
 from mycelium.store import ArtifactStore
 from tasks import evaluate
 from tasks.teacher_cot import select_problems, teacher_subset
-from trained_student import GSM8K_DEFAULTS
+from trained_student import GSM8K_DEFAULTS, percent
 
 # Both students evaluated without the teacher (it does not depend on the student); the subset
 # its chain of thought would run on is recomputed below with the configured teacher_problems.
 DEFAULTS = [*GSM8K_DEFAULTS, "eval.teacher_problems=0"]
 LENGTHS = {"2 steps or fewer": (0, 2), "3 steps": (3, 3), "4 or more": (4, 99)}
-
-
-def rate(k: int, n: int) -> str:
-    r = stats.rate_with_interval(k, n)
-    return f"{100 * r['rate']:.1f}% [{100 * r['low']:.1f}, {100 * r['high']:.1f}] ({k}/{n})"
 
 
 def main() -> int:
@@ -65,8 +59,8 @@ def main() -> int:
         r = results[name]
         easy = r.filter(pl.col("n_gold_steps").is_between(1, 2))["student_ms"]
         hard = r.filter(pl.col("n_gold_steps") > 2)["student_ms"]
-        print(f"student {name} ({' '.join(overrides) or 'defaults'}): accuracy {rate(int(r['student_correct'].sum()), r.height)}; "
-              f"gold among finished chains {rate(int(r['student_in_pool'].sum()), r.height)}; "
+        print(f"student {name} ({' '.join(overrides) or 'defaults'}): accuracy {percent(int(r['student_correct'].sum()), r.height)}; "
+              f"gold among finished chains {percent(int(r['student_in_pool'].sum()), r.height)}; "
               f"latency p50 {easy.median():.1f} ms (1-2 steps, n={easy.len()}) / {hard.median():.1f} ms (more, n={hard.len()})")
     test = evaluate.mcnemar(b["student_correct"].to_list(), a["student_correct"].to_list())
     print(f"B right where A is wrong: {test['only_student']}; A right where B is wrong: {test['only_other']}; McNemar exact p = {test['p_value']:.3g}")
@@ -79,11 +73,11 @@ def main() -> int:
     if subset:  # empty with eval.teacher_problems=0
         for name in ("A", "B"):
             on = results[name].filter(pl.col("problem_id").is_in(subset))
-            print(f"student {name} on the teacher's {len(subset)}-problem subset (eval.seed {subset_cfg.eval.seed}): {rate(int(on['student_correct'].sum()), on.height)}")
+            print(f"student {name} on the teacher's {len(subset)}-problem subset (eval.seed {subset_cfg.eval.seed}): {percent(int(on['student_correct'].sum()), on.height)}")
     for label, (low, high) in LENGTHS.items():
         rows = pl.col("n_gold_steps").is_between(low, high)
         pa, pb = a.filter(rows), b.filter(rows)
-        print(f"  {label:<17} A {rate(int(pa['student_correct'].sum()), pa.height)}   B {rate(int(pb['student_correct'].sum()), pb.height)}")
+        print(f"  {label:<17} A {percent(int(pa['student_correct'].sum()), pa.height)}   B {percent(int(pb['student_correct'].sum()), pb.height)}")
     return 0
 
 

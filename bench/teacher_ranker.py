@@ -26,6 +26,7 @@ You see: per split the student's own ranking beside the teacher-combined ranking
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -35,11 +36,11 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from mycelium import c3_model, solver, stats
+from mycelium import c3_model, solver
 from mycelium.config import Settings
 from mycelium.teacher import build_prompt, load_teacher
 from tasks import evaluate
-from trained_student import parse_arguments, trained_student
+from trained_student import parse_arguments, percent, trained_student
 
 # How many of the student's answers (best first by its vote) the teacher re-scores: nearly
 # every pool that holds the gold answer holds it among its first 8 (GSM8K test, stage 06:
@@ -49,6 +50,12 @@ DEFAULT_ANSWERS = 8
 # the teacher alone (ties by the student's order).
 WEIGHTS = [0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0, math.inf]
 NORMALISATIONS = ("sum", "mean")
+# Binary operators get a space either side, as GSM8K solutions write them; `**` stays one
+# operator. `-` is left alone: it also writes negative numbers.
+SPACED_OPERATOR = re.compile(r"(\*\*|[*/+])")
+# Part of the cache file's name: bump it when `written_chain` renders differently, so cached
+# teacher scores of the old renderings are not re-read.
+RENDERING_VERSION = 2
 
 
 def written_chain(chain: solver.Chain) -> str:
@@ -60,7 +67,7 @@ def written_chain(chain: solver.Chain) -> str:
         for k, operand in enumerate(step.operands):
             value = chain.steps[operand.prior_step].value if operand.kind == c3_model.PRIOR else operand.value
             filled = filled.replace("{%d}" % k, f"{value:g}")  # noqa: UP031 — literal braces
-        lines.append(f"{filled.replace('*', ' * ').replace('/', ' / ').replace('+', ' + ')} = {step.value:g}")
+        lines.append(SPACED_OPERATOR.sub(r" \1 ", filled) + f" = {step.value:g}")
     lines.append(f"The answer is {chain.steps[-1].value:g}.")
     return "\n".join(lines)
 
@@ -134,17 +141,12 @@ def picked_right(scores: pl.DataFrame, weight: float, normalisation: str) -> pl.
             .group_by("problem_id", maintain_order=True).first().select("problem_id", "correct"))
 
 
-def rate(k: int, n: int) -> str:
-    r = stats.rate_with_interval(k, n)
-    return f"{k:4d}/{n} = {100 * r['rate']:.1f}% [{100 * r['low']:.1f}, {100 * r['high']:.1f}]"
-
-
 def compare(scores: pl.DataFrame, weight: float, normalisation: str) -> tuple[int, str]:
     student = picked_right(scores, 0.0, "sum")
     combined = picked_right(scores, weight, normalisation).join(student, on="problem_id", suffix="_student")
     test = evaluate.mcnemar(combined["correct"].to_list(), combined["correct_student"].to_list())
     right = int(combined["correct"].sum())
-    return right, f"{rate(right, combined.height)}   ({test['only_student']} vs {test['only_other']} discordant, p = {test['p_value']:.2g})"
+    return right, f"{percent(right, combined.height)}   ({test['only_student']} vs {test['only_other']} discordant, p = {test['p_value']:.2g})"
 
 
 def main() -> int:
@@ -160,7 +162,7 @@ def main() -> int:
     teacher = None
     scores = {}
     for name, problems in splits.items():
-        path = cache / f"{name}_{trained.refs['verifier'].digest[:12]}_{problems.height}.parquet"
+        path = cache / f"{name}_{trained.refs['verifier'].digest[:12]}_{problems.height}_r{RENDERING_VERSION}.parquet"
         if not path.exists():
             teacher = teacher or load_teacher(trained.cfg.teacher, Settings().cache_dir)
             score_split(name, problems.to_dicts(), trained, teacher, DEFAULT_ANSWERS).write_parquet(path)
@@ -169,7 +171,7 @@ def main() -> int:
         in_top = scores[name].group_by("problem_id").agg(pl.col("correct").any())["correct"].sum()
         # what picking one of those answers at random would get, for scale
         chance = scores[name].group_by("problem_id").agg(pl.col("correct").mean())["correct"].sum()
-        print(f"{name}: gold answer among the student's first {DEFAULT_ANSWERS} answers {rate(int(in_top), n)}; "
+        print(f"{name}: gold answer among the student's first {DEFAULT_ANSWERS} answers {percent(int(in_top), n)}; "
               f"one of them picked at random: {chance:.1f} expected right")
     print("\nvalidation, the student's own ranking first:")
     results = {}

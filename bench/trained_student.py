@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 
 from flows.pipeline import artifact_refs, student_inputs
-from mycelium import c3_model, solver
+from mycelium import c3_model, solver, stats
 from mycelium.config import MyceliumConfig, Settings, load_config
 from mycelium.encoder import Encoder
 from mycelium.errors import MyceliumError
@@ -90,6 +90,12 @@ def trained_student(overrides: list[str]) -> TrainedStudent:
               "adds the evaluated problems in a minute)", file=sys.stderr)
         raise SystemExit(2)
     return TrainedStudent(cfg, store, refs, inputs, evaluate.load_student(store, inputs, cfg))
+
+
+def percent(k: int, n: int) -> str:
+    """`20.3% [16.2, 25.2] (61/300)`: a count as a percentage with its 95% Wilson interval."""
+    r = stats.rate_with_interval(k, n)
+    return f"{100 * r['rate']:.1f}% [{100 * r['low']:.1f}, {100 * r['high']:.1f}] ({k}/{n})"
 
 
 def percentiles(ms: list[float]) -> str:
