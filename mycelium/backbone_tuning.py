@@ -85,13 +85,24 @@ def placeholder_problem(text: str, word_to_number, dim: int) -> c3_model.Problem
     return c3_model.ProblemText(text, np.zeros(dim, np.float32), candidates, np.zeros((len(candidates), 2 * dim), np.float32))
 
 
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's stack of transformer layers, bottom first, whatever the architecture calls it
+    (`encoder.layer` in BERT/MiniLM, `layers` in Llama/Qwen2/SmolLM2, `h` in GPT-2): the longest
+    `ModuleList` in the model. Found by shape rather than by name so that any backbone
+    `c3.backbone` names (the seed's Qwen2-0.5B included) can be tuned without a table of names."""
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not stacks:
+        raise ValueError(f"{type(model).__name__}: no stack of transformer layers (torch.nn.ModuleList) to fine-tune")
+    return list(max(stacks, key=len))
+
+
 def trainable_parameters(model: torch.nn.Module, layers: int) -> list[torch.nn.Parameter]:
     """Freeze the embeddings and all but the top `layers` transformer layers; return the rest.
     The embeddings stay frozen because they are most of MiniLM's weights (30k × 384) and the
     optimiser step over them would cost more than the layers' backward pass on a CPU."""
     for p in model.parameters():
         p.requires_grad_(False)
-    blocks = list(model.encoder.layer)
+    blocks = transformer_blocks(model)
     for block in blocks[len(blocks) - layers:] if layers > 0 else []:
         for p in block.parameters():
             p.requires_grad_(True)

@@ -60,6 +60,10 @@ def load_encoder(name: str, max_length: int, device: str = "cpu") -> Encoder:
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"{name}: cannot load encoder ({first})") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Some decoders (the seed's C3 backbone is one) ship no padding token. Every read here
+        # masks padded positions out, so any id will do; the end-of-text token is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
     return Encoder(model, tokenizer, name, int(model.config.hidden_size), max_length)
 
 

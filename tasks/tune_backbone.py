@@ -88,8 +88,9 @@ def build_backbone(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C3Config, 
                    log=print) -> dict[str, Any]:
     store = ArtifactStore.for_ref(ref)
     encoder = encoder_module.load_encoder(cfg.backbone, cfg.max_length, device())
-    if cfg.fine_tune_layers > len(encoder.model.encoder.layer):
-        raise MyceliumError(f"c3.fine_tune_layers: {cfg.fine_tune_layers}, but {cfg.backbone} has {len(encoder.model.encoder.layer)} layers")
+    n_layers = len(backbone_tuning.transformer_blocks(encoder.model))
+    if cfg.fine_tune_layers > n_layers:
+        raise MyceliumError(f"c3.fine_tune_layers: {cfg.fine_tune_layers}, but {cfg.backbone} has {n_layers} layers")
     problems, n_planner_classes = tuning_problems(store, training_sets, encoder, cfg, c4_cfg, labels, max_steps)
     if not problems["train"] or not problems["validation"]:
         raise MyceliumError(f"stage 04: {len(problems['train'])} training and {len(problems['validation'])} validation problems "

@@ -62,26 +62,58 @@ def test_live_features_are_the_features_stage_05_caches(encoder, texts, config, 
             assert int(batch["gold"][row]) == example.gold
 
 
-def test_tuning_moves_only_the_top_layers_and_lowers_the_losses(encoder, c3_cfg, tuning_set):  # noqa: F811
+def top_layer_parameter_names(model: torch.nn.Module, n_top: int) -> set[str]:
+    top = {id(p) for block in backbone_tuning.transformer_blocks(model)[-n_top:] for p in block.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in top}
+
+
+def tune_and_check_only_top_layers_moved(encoder, cfg, problems, n_classes, n_top):
     tuned = copy.deepcopy(encoder)
-    problems, n_classes = tuning_set
-    before = {k: v.clone() for k, v in tuned.model.state_dict().items()}
-    cfg = c3_cfg.model_copy(update={"fine_tune_epochs": 3, "fine_tune_layers": 2, "learning_rate": 1e-4, "early_stopping_patience": 3})
+    before = {name: p.detach().clone() for name, p in tuned.model.named_parameters()}
+    cfg = cfg.model_copy(update={"fine_tune_layers": n_top, "early_stopping_patience": cfg.fine_tune_epochs})
     result = backbone_tuning.tune(tuned, problems[TRAIN], problems[VALIDATION], cfg, log=lambda _: None, progress=False, n_planner_classes=n_classes)
-    assert len(result.history) >= 1 and 1 <= result.best_epoch <= len(result.history)
+    assert len(result.history) == cfg.fine_tune_epochs and 1 <= result.best_epoch <= len(result.history)
     assert all(h["planner_n"] > 0 and h["n"] > 0 for h in result.history)  # both objectives were validated
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < losses[0]  # the joint pointer learns on its own training problems
-    after = tuned.model.state_dict()
-    n_layers = len(tuned.model.encoder.layer)
-    for name, value in after.items():
-        moved = not torch.equal(value, before[name])
-        top = any(name.startswith(f"encoder.layer.{i}.") for i in range(n_layers - 2, n_layers))
-        if name.endswith("position_ids"):
-            continue
-        assert moved == top, name  # exactly the top two layers changed, embeddings and lower layers did not
+    top = top_layer_parameter_names(tuned.model, n_top)
+    assert top  # the top layers were found at all
+    for name, value in tuned.model.named_parameters():
+        assert (not torch.equal(value, before[name])) == (name in top), name  # exactly the top layers changed
     assert all(not p.requires_grad for p in tuned.model.parameters())  # handed back frozen, in eval mode
     assert not tuned.model.training
+
+
+def test_tuning_moves_only_the_top_layers_and_lowers_the_losses(encoder, c3_cfg, tuning_set):  # noqa: F811
+    assert len(backbone_tuning.transformer_blocks(encoder.model)) == len(encoder.model.encoder.layer)  # BERT's own stack
+    problems, n_classes = tuning_set
+    cfg = c3_cfg.model_copy(update={"fine_tune_epochs": 3, "learning_rate": 1e-4})
+    tune_and_check_only_top_layers_moved(encoder, cfg, problems, n_classes, n_top=2)
+
+
+@pytest.fixture(scope="module")
+def decoder_encoder(c3_cfg):  # noqa: F811
+    """The embedded SmolLM2 teacher read as the student's backbone: a decoder, the kind of model
+    the seed names for C3 (Qwen2-0.5B), whose layers are `layers.N`, not BERT's `encoder.layer.N`."""
+    from mycelium.teacher import embedded_teacher_folder
+    from tests.teacher_fixtures import session_cache_dir
+
+    folder = embedded_teacher_folder("smollm2-135m-instruct", session_cache_dir())
+    return load_encoder(str(folder), c3_cfg.max_length)
+
+
+def test_a_decoder_backbone_tunes_too(decoder_encoder, sets, config, tmp_path):  # noqa: F811
+    # `c3.backbone` may name any transformers model; stage 04 once assumed BERT's layer names
+    # and stopped with an AttributeError on a decoder. Its own inputs, read with the decoder's tokenizer:
+    store = ArtifactStore(str(tmp_path / "store"))
+    ref = store.ref("training_sets", "t" * 20)
+    store.write_table(ref, dict(sets))
+    problems, n_classes = tune_backbone.tuning_problems(store, ref, decoder_encoder, config.c3, config.c4, list(config.c2.labels),
+                                                        config.eval.max_steps)
+    assert len(backbone_tuning.transformer_blocks(decoder_encoder.model)) == decoder_encoder.model.config.num_hidden_layers
+    problems = {TRAIN: problems[TRAIN][:8], VALIDATION: problems[VALIDATION][:4]}  # a 135M model: keep it short
+    cfg = config.c3.model_copy(update={"fine_tune_epochs": 2, "learning_rate": 1e-4, "seed": 0})
+    tune_and_check_only_top_layers_moved(decoder_encoder, cfg, problems, n_classes, n_top=1)
 
 
 def test_tuned_backbone_round_trips_through_the_store(encoder, tmp_path, texts, config):  # noqa: F811
@@ -103,3 +135,27 @@ def test_tuned_backbone_round_trips_through_the_store(encoder, tmp_path, texts, 
     np.testing.assert_allclose(read[0].pooled, read[1].pooled, atol=1e-6)
     assert not np.allclose(read[0].pooled, read[2].pooled, atol=1e-4)  # and it is not the untuned backbone
     assert load_student_encoder(store, None, config.c3.backbone, config.c3.max_length, str(tmp_path / "cache")).name == config.c3.backbone
+
+
+def test_a_decoder_without_a_padding_token_reads_batches(decoder_encoder, tmp_path, c3_cfg):  # noqa: F811
+    # Llama-style tokenizers often ship no pad token, and padding a batch then raises. The same
+    # SmolLM2 folder with its pad token taken out must read a batch as it reads each text alone.
+    import json
+    from pathlib import Path
+
+    from mycelium.encoder import embed_texts
+
+    source = Path(decoder_encoder.tokenizer.name_or_path)
+    folder = tmp_path / "no-pad"
+    folder.mkdir()
+    for file in source.iterdir():
+        (folder / file.name).symlink_to(file)
+    settings = json.loads((source / "tokenizer_config.json").read_text())
+    settings.pop("pad_token", None)
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    padless = load_encoder(str(folder), c3_cfg.max_length)
+    texts = ["Tom has 3 boxes.", "Natalia sold clips to 48 of her friends in April and half as many in May."]
+    together = embed_texts(padless, texts, batch_size=2, progress=False)
+    alone = np.concatenate([embed_texts(padless, [t], batch_size=1, progress=False) for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-4)
