@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from mycelium import c3_model
 from mycelium.config import C3Config
 from mycelium.encoder import Encoder, load_encoder
+from mycelium.errors import ModelError
 from mycelium.planner import StepPlanner
 
 
@@ -92,7 +93,7 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     `c3.backbone` names (the seed's Qwen2-0.5B included) can be tuned without a table of names."""
     stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     if not stacks:
-        raise ValueError(f"{type(model).__name__}: no stack of transformer layers (torch.nn.ModuleList) to fine-tune")
+        raise ModelError(f"{type(model).__name__}: no stack of transformer layers (torch.nn.ModuleList) to fine-tune")
     return list(max(stacks, key=len))
 
 

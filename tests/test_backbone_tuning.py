@@ -159,3 +159,10 @@ def test_a_decoder_without_a_padding_token_reads_batches(decoder_encoder, tmp_pa
     together = embed_texts(padless, texts, batch_size=2, progress=False)
     alone = np.concatenate([embed_texts(padless, [t], batch_size=1, progress=False) for t in texts])
     np.testing.assert_allclose(together, alone, atol=1e-4)
+
+
+def test_a_model_with_no_layer_stack_is_refused_in_one_line():
+    from mycelium.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"Linear: no stack of transformer layers"):
+        backbone_tuning.trainable_parameters(torch.nn.Linear(4, 4), 1)
