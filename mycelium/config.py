@@ -247,6 +247,7 @@ class EvalConfig(Section):
     rerank: bool = False
     backbone_runtime: Literal["onnxruntime", "torch"] = "torch"
     int8_read_threads: int | None = Field(default=None, ge=1)
+    bootstrap_resamples: int = Field(ge=10)
     seed: int
 
 

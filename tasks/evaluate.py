@@ -21,7 +21,8 @@ Time:   the student: one MiniLM pass per problem (ONNX Runtime by default, `eval
 You should see: accuracy with count and 95% Wilson interval for the student, the teacher's own
 chain of thought, the nearest-neighbour baseline, the gold plan with C3's operands and the oracle; McNemar p-values of the
 student against each; correct-in-beam@k; the share of problems where the search found any
-valid chain; latency p50/p95 for easy and hard problems; per MATH level and subject; and by
+valid chain; latency p50 (with a bootstrap interval over problems) and p95 for easy and hard
+problems, and the teacher / student latency ratio with its interval; per MATH level and subject; and by
 the length of the gold solution (steps, the last group `eval.max_steps` or more — longer than
 the search builds) each system's accuracy beside how often the student's pool held the gold
 answer, as a table and `accuracy_by_length.png`.
@@ -312,11 +313,18 @@ def _accuracy(column: pl.Series) -> dict[str, Any]:
     return {"correct": k, "n": n, "accuracy": k / n if n else None, "low": interval.low if n else None, "high": interval.high if n else None}
 
 
-def _percentiles(values: pl.Series) -> dict[str, Any]:
+def _median_interval(data: np.ndarray, cfg: MyceliumConfig) -> tuple[float | None, float | None]:
+    """Percentile-bootstrap 95% interval of the median over problems (None when under two)."""
+    result = stats.bootstrap_interval(data, statistic=np.median, resamples=cfg.eval.bootstrap_resamples, seed=cfg.eval.seed)
+    return (result.low, result.high) if len(data) >= 2 else (None, None)
+
+
+def _percentiles(values: pl.Series, cfg: MyceliumConfig) -> dict[str, Any]:
     data = values.drop_nulls().to_numpy()
     if not len(data):
-        return {"n": 0, "p50_ms": None, "p95_ms": None}
-    return {"n": len(data), "p50_ms": float(np.percentile(data, 50)), "p95_ms": float(np.percentile(data, 95))}
+        return {"n": 0, "p50_ms": None, "p50_low": None, "p50_high": None, "p95_ms": None}
+    low, high = _median_interval(data, cfg)
+    return {"n": len(data), "p50_ms": float(np.percentile(data, 50)), "p50_low": low, "p50_high": high, "p95_ms": float(np.percentile(data, 95))}
 
 
 LENGTH_SYSTEMS = ("student", "nearest", "gold_plan", "oracle")  # the teacher answers only a subset
@@ -352,15 +360,16 @@ def summarise(results: pl.DataFrame, cfg: MyceliumConfig) -> dict[str, Any]:
     summary["student_in_pool"] = _accuracy(results["student_in_pool"])
     summary["student_valid_chain"] = _accuracy(results["student_chains"] > 0)
     easy = pl.col("n_gold_steps") <= cfg.eval.easy_max_steps
-    summary["latency_student_easy"] = _percentiles(results.filter(easy & (pl.col("n_gold_steps") > 0))["student_ms"])
-    summary["latency_student_hard"] = _percentiles(results.filter(~easy)["student_ms"])
-    summary["latency_student_all"] = _percentiles(results["student_ms"])
-    summary["latency_teacher_all"] = _percentiles(results["teacher_ms"])
+    summary["latency_student_easy"] = _percentiles(results.filter(easy & (pl.col("n_gold_steps") > 0))["student_ms"], cfg)
+    summary["latency_student_hard"] = _percentiles(results.filter(~easy)["student_ms"], cfg)
+    summary["latency_student_all"] = _percentiles(results["student_ms"], cfg)
+    summary["latency_teacher_all"] = _percentiles(results["teacher_ms"], cfg)
     summary["by_gold_steps"] = by_gold_steps(results, cfg.eval.max_steps)
     ratio = (teacher_rows["teacher_ms"] / teacher_rows["student_ms"]).drop_nulls()  # only the teacher's timed problems
     if ratio.len():
         summary["teacher_over_student_latency_median"] = float(ratio.median())
         summary["teacher_over_student_latency_n"] = ratio.len()
+        summary["teacher_over_student_latency_low"], summary["teacher_over_student_latency_high"] = _median_interval(ratio.to_numpy(), cfg)
     math_rows = results.filter([is_math_row(row) for row in results.select(c for c in ("source", "level", "subject") if c in results.columns).iter_rows(named=True)])
     if math_rows.height:
         summary["math_checkers"] = {name: _accuracy(math_rows[f"student_{name}"]) for name in ("math_verify", "hendrycks", "numeric")}
@@ -463,6 +472,14 @@ def _p_value(p: float | None) -> str:
     return "< 1e-300" if p == 0.0 else f"{p:.3g}"  # 0.0 is a float underflow, not certainty
 
 
+def _median_text(median: float | None, low: float | None, high: float | None, digits: int) -> str:
+    """`12.3 [11.8, 13.0]`; the interval left out when there is none (under two problems)."""
+    if median is None:
+        return "None"
+    text = f"{median:.{digits}f}"
+    return text if low is None or high is None else f"{text} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def _short(a: dict) -> str:
     return f"{a['accuracy']:.3f} [{a['low']:.3f}, {a['high']:.3f}] (n={a['n']})" if a["n"] else "not run"
 
@@ -499,17 +516,18 @@ def report_section(store: ArtifactStore, ref: ArtifactRef) -> ReportSection:
         "",
         f"Latency: the student reads each problem with `{s.get('backbone_runtime', 'torch')}` and then searches, one problem at a time.",
         "",
-        "| latency (ms) | n | p50 | p95 |",
+        "| latency (ms) | n | p50 [95% bootstrap interval] | p95 |",
         "|---|---|---|---|",
     ]
     for key, title in (("latency_student_easy", "student, easy"), ("latency_student_hard", "student, hard"),
                        ("latency_student_all", "student, all"), ("latency_teacher_all", "teacher CoT")):
         v = s[key]
-        lines.append(f"| {title} | {v['n']} | {v['p50_ms'] if v['p50_ms'] is None else round(v['p50_ms'], 1)} | "
+        lines.append(f"| {title} | {v['n']} | {_median_text(v['p50_ms'], v.get('p50_low'), v.get('p50_high'), 1)} | "
                      f"{v['p95_ms'] if v['p95_ms'] is None else round(v['p95_ms'], 1)} |")
     if "teacher_over_student_latency_median" in s:
+        ratio = _median_text(s["teacher_over_student_latency_median"], s.get("teacher_over_student_latency_low"), s.get("teacher_over_student_latency_high"), 0)
         lines += ["", f"Teacher / student latency on the same problems (median ratio over the {s['teacher_over_student_latency_n']} "
-                  f"the teacher answered one at a time; the rest of its subset ran batched, untimed): {s['teacher_over_student_latency_median']:.0f}×."]
+                  f"the teacher answered one at a time, 95% bootstrap interval; the rest of its subset ran batched, untimed): {ratio}×."]
     if "math_checkers" in s:
         lines += ["", f"MATH rows, the student's answers under each checker (they disagree on {s['math_checkers_disagree']}):", "",
                   "| checker | accuracy |", "|---|---|"]

@@ -49,7 +49,8 @@ def _code_version() -> str:
 def verifier_ref(store: ArtifactStore, cfg: MyceliumConfig, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
     search = {k: v for k, v in cfg.eval.digest_payload().items() if k not in ("dataset", "split", "fields", "n_problems", "teacher_problems",
                                                                                "teacher_max_new_tokens", "teacher_batch_size", "teacher_latency_problems",
-                                                                               "easy_max_steps", "rerank", "backbone_runtime", "int8_read_threads")}
+                                                                               "easy_max_steps", "rerank", "backbone_runtime", "int8_read_threads",
+                                                                               "bootstrap_resamples")}
     reading = {k: v for k, v in cfg.c3.digest_payload().items() if k in ("backbone", "max_length", "context_tokens", "max_operands", "read_precision")}
     payload = {"verifier": cfg.verifier.digest_payload(), "eval": search, "c2_threshold": cfg.c2.threshold, "c3": reading, "c4": cfg.c4.digest_payload(),
                "steps": cfg.steps.digest_payload()}

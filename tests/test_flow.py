@@ -269,6 +269,7 @@ def test_stages_05_06_train_c3_and_evaluate_then_eval_another_dataset(local_root
     assert summary["eval_gold_plan_accuracy"]["n"] == summary["eval_mcnemar_student_vs_gold_plan"]["n_pairs"] == n
     report = store.fs.cat_file(report_path).decode()
     assert "## Stage 05" in report and "## Stage 06" in report and "McNemar" in report and "| gold_plan |" in report
+    assert "| latency (ms) | n | p50 [95% bootstrap interval] | p95 |" in report
     # both problems have readable gold steps, so both sit in the per-length table and its figure
     assert sum(g["n"] for g in summary["eval_by_gold_steps"].values()) == n
     assert "| gold steps | n | student | in pool |" in report and "accuracy_by_length.png" in report

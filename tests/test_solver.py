@@ -128,7 +128,7 @@ def test_summary_counts_and_intervals():
     rows = []
     for i in range(10):
         rows.append({"problem_id": str(i), "n_gold_steps": 1 + i % 4, "student_correct": i < 6, "student_in_beam": i < 8, "student_in_pool": i < 9,
-                     "student_chains": 0 if i == 9 else 3, "student_ms": float(i), "nearest_correct": i < 2,
+                     "student_chains": 0 if i == 9 else 3, "student_ms": float(i + 1), "nearest_correct": i < 2,
                      "gold_plan_correct": i < 7, "oracle_correct": True, "teacher_correct": (i < 1) if i < 5 else None, "teacher_ms": 1000.0 if i < 5 else None,
                      "source": "gsm8k"})
     results = pl.DataFrame(rows)
@@ -139,6 +139,15 @@ def test_summary_counts_and_intervals():
     assert summary["student_valid_chain"]["correct"] == 9
     assert summary["student_in_beam"]["correct"] == 8 and summary["student_in_pool"]["correct"] == 9
     assert summary["latency_student_easy"]["n"] + summary["latency_student_hard"]["n"] == 10
+    # Easy (1-2 gold steps) are problems 0, 1, 4, 5, 8, 9 at 1, 2, 5, 6, 9, 10 ms: median 5.5, and a
+    # bootstrap interval over problems around it, inside the data's range.
+    easy = summary["latency_student_easy"]
+    assert easy["n"] == 6 and easy["p50_ms"] == 5.5
+    assert 1 <= easy["p50_low"] < easy["p50_ms"] < easy["p50_high"] <= 10
+    ratio = summary["teacher_over_student_latency_median"]
+    assert summary["teacher_over_student_latency_low"] <= ratio <= summary["teacher_over_student_latency_high"]
+    one = evaluate.summarise(results.head(1), cfg)["latency_student_all"]
+    assert one["n"] == 1 and one["p50_low"] is None and one["p50_high"] is None  # no interval from one problem
     assert summary["mcnemar_student_vs_nearest"]["only_student"] == 4
     assert summary["gold_plan_accuracy"]["correct"] == 7 and summary["mcnemar_student_vs_gold_plan"]["only_other"] == 1
     # Gold lengths 1,2,3,4,1,2,3,4,1,2: the student is right on problems 0-5, its pool holds 0-8
