@@ -22,6 +22,7 @@ its own on features cached from the tuned backbone, exactly as it does on frozen
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -207,13 +208,37 @@ class TuningResult:
     best_epoch: int
 
 
+@contextlib.contextmanager
+def repeatable_kernels():
+    """Torch's deterministic kernels for the duration (`warn_only`: an op without one warns on a
+    GPU instead of stopping the run). Why: on 2 CPU threads the tuning was not bitwise repeatable
+    whenever another process competed for the cores — two `make run`s of the same code got
+    backbones 6e-5 apart, which the int8 read turned into features 0.24 apart and 47 vs 44 right
+    of 500. With these kernels, 160 problems tuned (2 threads) on a quiet machine and beside a busy
+    process gave the same weights, where without them each loaded run gave others; a 320-problem
+    run took the same time either way (~45 s)."""
+    before, before_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
+
+
 def tune(encoder: Encoder, train: Sequence[TuningProblem], validation: Sequence[TuningProblem], cfg: C3Config, log=print,
          progress: bool = True, n_planner_classes: int = 0) -> TuningResult:
     """Train the backbone's top `cfg.fine_tune_layers` layers with a fresh pointer (and, when
     the problems carry planner states and `cfg.fine_tune_planner_weight` > 0, a fresh step
     planner over `n_planner_classes` classes: loss = pointer + weight · planner) for up to
     `cfg.fine_tune_epochs` epochs; early stopping on the validation loss with
-    `cfg.early_stopping_patience`, the best epoch's backbone kept."""
+    `cfg.early_stopping_patience`, the best epoch's backbone kept. Bitwise repeatable on a CPU
+    (`repeatable_kernels`)."""
+    with repeatable_kernels():
+        return _tune(encoder, train, validation, cfg, log, progress, n_planner_classes)
+
+
+def _tune(encoder: Encoder, train: Sequence[TuningProblem], validation: Sequence[TuningProblem], cfg: C3Config, log,
+          progress: bool, n_planner_classes: int) -> TuningResult:
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
