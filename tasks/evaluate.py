@@ -315,8 +315,10 @@ def _accuracy(column: pl.Series) -> dict[str, Any]:
 
 def _median_interval(data: np.ndarray, cfg: MyceliumConfig) -> tuple[float | None, float | None]:
     """Percentile-bootstrap 95% interval of the median over problems (None when under two)."""
+    if len(data) < 2:
+        return None, None
     result = stats.bootstrap_interval(data, statistic=np.median, resamples=cfg.eval.bootstrap_resamples, seed=cfg.eval.seed)
-    return (result.low, result.high) if len(data) >= 2 else (None, None)
+    return result.low, result.high
 
 
 def _percentiles(values: pl.Series, cfg: MyceliumConfig) -> dict[str, Any]:
