@@ -47,7 +47,8 @@ class TrainedStudent:
     def encoder(self, runtime: str | None = None) -> Encoder:
         """A fresh copy of the backbone the student reads with (the tuned one when stage 04 made
         it), run by `runtime` (default: `eval.backbone_runtime`, as stage 06 runs it)."""
-        encoder = student_encoder(self.store, self.inputs.get("student_backbone"), self.cfg.c3.backbone, self.cfg.c3.max_length, self.cfg.c3.read_precision)
+        encoder = student_encoder(self.store, self.inputs.get("student_backbone"), self.cfg.c3.backbone, self.cfg.c3.max_length, self.cfg.c3.read_precision,
+                                  self.cfg.c3.int8_min_cosine)
         return reading_encoder(encoder, runtime or self.cfg.eval.backbone_runtime, Settings().cache_dir, self.cfg.eval.int8_read_threads)
 
     def read(self, encoder: Encoder, text: str) -> c3_model.ProblemText:

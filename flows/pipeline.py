@@ -79,7 +79,7 @@ def artifact_refs(store: ArtifactStore, cfg: MyceliumConfig) -> dict[str, Artifa
             raise MyceliumError(f"c2.backbone ({cfg.c2.backbone}) and c3.backbone ({cfg.c3.backbone}) differ; a tuned backbone "
                                 "(c3.unfreeze) serves both, so set them alike or c3.unfreeze=never")
         refs["student_backbone"] = backbone
-    refs["c2_features"] = train_c2.features_ref(store, cfg.c2, refs["training_sets"], backbone, cfg.c3.read_precision)
+    refs["c2_features"] = train_c2.features_ref(store, cfg.c2, refs["training_sets"], backbone, cfg.c3.read_precision, cfg.c3.int8_min_cosine)
     refs["c2_model"] = train_c2.model_ref(store, cfg.c2, refs["training_sets"], refs["c2_features"])
     refs["c3_features"] = train_c3.features_ref(store, cfg.c3, cfg.c4, refs["training_sets"], backbone)
     refs["c3_model"] = train_c3.model_ref(store, cfg.c3, cfg.c4, list(cfg.c2.labels), cfg.eval.beam_width, cfg.eval.max_steps,
@@ -163,7 +163,7 @@ def mycelium(
     if "04" in selected:
         if backbone_ref is not None:
             step(tune_backbone.tune_task, backbone_ref, training_ref, cfg.c3, cfg.c4, list(cfg.c2.labels), cfg.eval.max_steps)
-        step(train_c2.features_task, c2_features_ref, training_ref, cfg.c2, backbone_ref, cfg.c3.read_precision)
+        step(train_c2.features_task, c2_features_ref, training_ref, cfg.c2, backbone_ref, cfg.c3.read_precision, cfg.c3.int8_min_cosine)
         step(train_c2.train_task, c2_model_ref, training_ref, c2_features_ref, cfg.c2)
 
     if "05" in selected:

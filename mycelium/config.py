@@ -199,6 +199,7 @@ class C3Config(Section):
     seed: int
     unfreeze: Literal["auto", "always", "never"] = "never"
     read_precision: Literal["float32", "int8"] = "float32"
+    int8_min_cosine: float = Field(default=0.97, ge=-1.0, le=1.0)
     fine_tune_epochs: int = Field(default=3, ge=1)
     fine_tune_layers: int = Field(default=3, ge=1)
     fine_tune_batch_problems: int = Field(default=8, ge=1)

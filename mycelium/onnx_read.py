@@ -24,6 +24,11 @@ the `make run` students and all 1,319 GSM8K test problems, each problem read and
 both in turn (`bench/student_precision.py`, the int8 read on `eval.int8_read_threads` 1): read
 0.59 [0.59, 0.59] of the float32 ONNX read's time, read + search 0.78 [0.78, 0.79]; 122 right
 against float32's 129 (McNemar p = 0.46).
+Before an int8 graph is used it is checked against the float one on a few problem-like texts
+(`int8_fidelity`, `c3.int8_min_cosine`): a backbone whose 8-bit graph is broken rather than
+rounded (all-mpnet-base-v2 on an AVX2 CPU) gets a gentler recipe (`INT8_RECIPES`), or a
+one-line error that points to `c3.read_precision=float32`. MiniLM passes with the first recipe,
+so its graph is byte for byte the one it always had.
 
 `onnx_encoder(encoder, cache_dir)` / `int8_encoder` return a copy of the encoder whose `model`
 is an `OnnxBackbone`: called like the Hugging Face model (`model(**batch).last_hidden_state`),
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -50,6 +56,7 @@ from mycelium.encoder import Encoder
 from mycelium.errors import ModelError
 
 GRAPH_FILE = "backbone.onnx"
+RECIPE_FILE = "int8_recipe.json"  # beside an int8 graph: which recipe made it, and its fidelity
 # Part of the cache key: the fused graph (bench/student_read.py measures it), the plain one
 # stage 06 reads and the int8 one (`c3.read_precision: int8`) are cached apart.
 FUSED_FORMAT, PLAIN_FORMAT, INT8_FORMAT = "dynamo+ort_fusions", "dynamo", "dynamo+int8_dynamic"
@@ -94,24 +101,93 @@ def fuse_for_onnxruntime(program: Any) -> None:
     program.model, _ = ort_fusions.optimize_for_ort(program.model)  # (graph, count of each fusion)
 
 
-def quantize_graph(float_graph: Path, path: Path) -> None:
+@dataclasses.dataclass(frozen=True)
+class Int8Recipe:
+    """One way to quantise the graph: ONNX Runtime's dynamic quantisation with these options."""
+
+    name: str
+    reduce_range: bool = False  # 7-bit weights
+    float_after: tuple[str, ...] = ()  # products whose input comes from these ops stay float32
+
+
+# Tried in order until the int8 graph reads like the float one (`int8_fidelity` ≥
+# c3.int8_min_cosine). The first is the one every MiniLM student here was built with; the other
+# two exist because all-mpnet-base-v2's graph broke under it on an AVX2 CPU (mean token state at
+# cosine 0.01 to float32's on 20 GSM8K test problems). Quantising one group of its products at a
+# time found two causes. The products that read a LayerNorm's output gave cosine -0.01 with 8-bit
+# weights and 0.99 with 7-bit ones: without VNNI, the u8 x s8 products are summed pairwise in
+# int16, which saturates (ONNX Runtime's `reduce_range` exists for that). The products that
+# read a GELU's output gave 0.87 at either width: a few channels there are far larger than the
+# rest, and one activation scale for the whole tensor flattens the rest. Both fixes together:
+# median 0.991 (worst 0.981). MiniLM gave 0.994 under the first recipe on the same CPU.
+INT8_RECIPES = (
+    Int8Recipe("8-bit per-channel weights"),
+    Int8Recipe("7-bit per-channel weights", reduce_range=True),
+    Int8Recipe("7-bit per-channel weights, GELU-fed products float32", reduce_range=True, float_after=("Gelu",)),
+)
+# Short problem-like texts the int8 graph is checked on before it is used.
+FIDELITY_TEXTS = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?",
+    "Janet's ducks lay 16 eggs per day. She eats three for breakfast and bakes muffins with four; she sells the rest for $2 each.",
+    "The train left at 9:15 and covered 240 miles at 60 miles per hour; 3/4 of the seats were full.",
+)
+
+
+def quantize_graph(float_graph: Path, path: Path, recipe: Int8Recipe = INT8_RECIPES[0]) -> None:
     """`float_graph` with its matrix products in int8 (ONNX Runtime's dynamic quantisation),
     written to `path`: each weight matrix int8 with one scale per output channel, each product's
     input quantised per run with one scale for the whole tensor. Per-channel weights because
     one scale per matrix lost too much: on 150 GSM8K test problems the shipped MiniLM's mean
     token state kept a median cosine of 0.960 (worst 0.908) to float32's with one scale per
     matrix, 0.995 (worst 0.987) per channel, in the same time (0.62× the float32 read).
+    `recipe` may narrow the weights to 7 bits and keep some products in float32 (`INT8_RECIPES`).
     ORT's optional pre-processing is skipped: its symbolic shape inference gives up on the
     dynamo exporter's graph, and the session's own optimiser runs at load anyway."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(float_graph), str(path), weight_type=QuantType.QInt8, per_channel=True)
+    excluded = None
+    if recipe.float_after:
+        graph = onnx.load(str(float_graph), load_external_data=False).graph
+        producer = {output: node.op_type for node in graph.node for output in node.output}
+        excluded = [node.name for node in graph.node if node.op_type == "MatMul" and producer.get(node.input[0]) in recipe.float_after]
+    quantize_dynamic(str(float_graph), str(path), weight_type=QuantType.QInt8, per_channel=True, reduce_range=recipe.reduce_range,
+                     nodes_to_exclude=excluded)
 
 
-def export_graph(encoder: Encoder, path: Path, graph_format: str = PLAIN_FORMAT) -> None:
+def int8_fidelity(float_graph: Path, int8_graph: Path, tokenizer: Any) -> float:
+    """The worst cosine, over `FIDELITY_TEXTS`, between the int8 and the float graph's mean
+    token state: ~0.99 when the int8 graph merely rounds, near 0 when it is broken."""
+    float_read, int8_read = OnnxBackbone(float_graph, 1), OnnxBackbone(int8_graph, 1)
+    worst = 1.0
+    for text in FIDELITY_TEXTS:
+        batch = tokenizer([text], return_tensors="pt")
+        exact, rounded = (read(**batch).last_hidden_state[0].mean(0).numpy() for read in (float_read, int8_read))
+        worst = min(worst, float(exact @ rounded / (np.linalg.norm(exact) * np.linalg.norm(rounded))))
+    return worst
+
+
+def _quantize_faithfully(encoder: Encoder, float_graph: Path, path: Path, min_cosine: float) -> None:
+    """Write to `path` the first of `INT8_RECIPES` whose graph keeps `min_cosine`; one-line
+    ModelError when none does (the features would not be this backbone's)."""
+    best = -1.0
+    for recipe in INT8_RECIPES:
+        quantize_graph(float_graph, path, recipe)
+        cosine = int8_fidelity(float_graph, path, encoder.tokenizer)
+        if cosine >= min_cosine:
+            path.with_name(RECIPE_FILE).write_text(json.dumps({"recipe": recipe.name, "worst_cosine": round(cosine, 4)}) + "\n")
+            return
+        best = max(best, cosine)
+    path.unlink()
+    raise ModelError(f"{encoder.name}: no int8 graph reads like the float32 one (best worst-case cosine {best:.3f} < "
+                     f"c3.int8_min_cosine {min_cosine}); use --set c3.read_precision=float32")
+
+
+def export_graph(encoder: Encoder, path: Path, graph_format: str = PLAIN_FORMAT, int8_min_cosine: float | None = None) -> None:
     """Export the encoder to ONNX with batch and sequence length dynamic; `graph_format`
-    FUSED_FORMAT rewrites it with `fuse_for_onnxruntime`, INT8_FORMAT quantises it
-    (`quantize_graph`)."""
+    FUSED_FORMAT rewrites it with `fuse_for_onnxruntime`, INT8_FORMAT quantises it with the
+    first of `INT8_RECIPES` that keeps `int8_min_cosine`."""
     example = encoder.tokenizer(["Two apples cost 3 dollars.", "A short one."], padding=True, return_tensors="pt")
     names = [name for name in encoder.tokenizer.model_input_names if name in example]
     batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
@@ -135,8 +211,10 @@ def export_graph(encoder: Encoder, path: Path, graph_format: str = PLAIN_FORMAT)
         return
     float_graph = path.with_name("float-" + path.name)
     program.save(str(float_graph))
-    quantize_graph(float_graph, path)
-    float_graph.unlink()
+    try:
+        _quantize_faithfully(encoder, float_graph, path, int8_min_cosine if int8_min_cosine is not None else -1.0)
+    finally:
+        float_graph.unlink()
 
 
 class OnnxBackbone:
@@ -185,12 +263,22 @@ class OnnxBackbone:
         return SimpleNamespace(last_hidden_state=torch.from_numpy(hidden))
 
 
-def _export_into(encoder: Encoder, folder: Path, graph_format: str) -> None:
+def graph_folder(cache_dir: str, model: torch.nn.Module, graph_format: str, int8_min_cosine: float | None = None) -> Path:
+    """Where the graph of `model`'s weights in `graph_format` is cached. An int8 graph chosen
+    under one fidelity threshold is not reused under another."""
+    key = graph_format if int8_min_cosine is None else f"{graph_format}|min cosine {int8_min_cosine}"
+    return Path(cache_dir) / "onnx" / weights_key(model, key)
+
+
+def _export_into(encoder: Encoder, folder: Path, graph_format: str, int8_min_cosine: float | None) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Exported beside and renamed into place, so a reader never sees half a graph.
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        export_graph(encoder, staging / GRAPH_FILE, graph_format)
+        export_graph(encoder, staging / GRAPH_FILE, graph_format, int8_min_cosine)
+    except ModelError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     except Exception as exc:  # the exporter raises many types; the user needs one line
         shutil.rmtree(staging, ignore_errors=True)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -201,16 +289,17 @@ def _export_into(encoder: Encoder, folder: Path, graph_format: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def onnx_encoder(encoder: Encoder, cache_dir: str, fused: bool = False, graph_format: str | None = None) -> Encoder:
+def onnx_encoder(encoder: Encoder, cache_dir: str, fused: bool = False, graph_format: str | None = None,
+                 int8_min_cosine: float | None = None) -> Encoder:
     """A copy of `encoder` that reads through ONNX Runtime; exports once per set of weights (and
     again when the cached graph cannot be loaded). One-line ModelError when the backbone cannot
     be exported. `fused=True`: the graph rewritten by `fuse_for_onnxruntime` (only the benchmark
     that measures the fusions asks for it); `graph_format=INT8_FORMAT`: see `int8_encoder`."""
     graph_format = graph_format or (FUSED_FORMAT if fused else PLAIN_FORMAT)
-    folder = Path(cache_dir) / "onnx" / weights_key(encoder.model, graph_format)
+    folder = graph_folder(cache_dir, encoder.model, graph_format, int8_min_cosine)
     for attempt in range(2):
         if not (folder / GRAPH_FILE).is_file():
-            _export_into(encoder, folder, graph_format)
+            _export_into(encoder, folder, graph_format, int8_min_cosine)
         try:
             model = OnnxBackbone(folder / GRAPH_FILE, torch.get_num_threads(), rows_alone=graph_format == INT8_FORMAT)
             break
@@ -222,21 +311,23 @@ def onnx_encoder(encoder: Encoder, cache_dir: str, fused: bool = False, graph_fo
     return dataclasses.replace(encoder, model=model)
 
 
-def int8_encoder(encoder: Encoder, cache_dir: str) -> Encoder:
+def int8_encoder(encoder: Encoder, cache_dir: str, min_cosine: float) -> Encoder:
     """A copy of `encoder` that reads through ONNX Runtime with int8 matrix products
     (`c3.read_precision: int8`). Unlike the float32 read, this one changes the features, so it is
     not a stage 06 option but the student's backbone itself: C2's and C3's training features,
     the verifier's pools and stage 06 all read with it, and a problem's features are the same in
     all four. That is also why each problem runs alone (`OnnxBackbone.rows_alone`): the
     activations' int8 scale is taken over the whole input tensor, so in a padded batch a
-    problem's features would depend on its batch-mates."""
-    return onnx_encoder(encoder, cache_dir, graph_format=INT8_FORMAT)
+    problem's features would depend on its batch-mates. The graph is checked against the float
+    one first (`int8_fidelity` ≥ `min_cosine`, c3.int8_min_cosine), and quantised less
+    aggressively, or refused, when it reads unlike it."""
+    return onnx_encoder(encoder, cache_dir, graph_format=INT8_FORMAT, int8_min_cosine=min_cosine)
 
 
-def student_reader(encoder: Encoder, precision: str, cache_dir: str) -> Encoder:
+def student_reader(encoder: Encoder, precision: str, cache_dir: str, int8_min_cosine: float) -> Encoder:
     """The backbone every student read goes through: `encoder` itself (float32, PyTorch) or
     its int8 ONNX copy."""
-    return int8_encoder(encoder, cache_dir) if precision == "int8" else encoder
+    return int8_encoder(encoder, cache_dir, int8_min_cosine) if precision == "int8" else encoder
 
 
 def reading_encoder(encoder: Encoder, runtime: str, cache_dir: str, int8_threads: int | None = None) -> Encoder:

@@ -233,7 +233,8 @@ def evaluate(problems: pl.DataFrame, store: ArtifactStore, inputs: dict[str, Art
     search = search_settings(cfg)
     prov_settings = settings_from(cfg.training_data, cfg.c4, cfg.steps)
     step_settings = gold_step_settings(cfg)
-    encoder = onnx_read.reading_encoder(student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length, cfg.c3.read_precision),
+    encoder = onnx_read.reading_encoder(student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length, cfg.c3.read_precision,
+                                                                cfg.c3.int8_min_cosine),
                                         cfg.eval.backbone_runtime, Settings().cache_dir, cfg.eval.int8_read_threads)
     rows = problems.to_dicts()
     # The backbone reads every problem once; timed per problem inside the student's latency.

@@ -54,10 +54,13 @@ def _code_version() -> str:
 
 
 def features_ref(store: ArtifactStore, cfg: C2Config, training_sets: ArtifactRef, backbone: ArtifactRef | None = None,
-                 precision: str = "float32") -> ArtifactRef:
+                 precision: str = "float32", int8_min_cosine: float | None = None) -> ArtifactRef:
     """`backbone`: stage 04's tuned student backbone, read with instead of `cfg.backbone`;
-    `precision`: the student's read precision (`c3.read_precision`)."""
+    `precision`: the student's read precision (`c3.read_precision`), and `int8_min_cosine` the
+    fidelity its int8 graph must keep (`c3.int8_min_cosine`)."""
     payload = {**{k: cfg.digest_payload()[k] for k in FEATURE_KEYS}, "read_precision": precision}
+    if precision == "int8":
+        payload["int8_min_cosine"] = int8_min_cosine
     upstream = [training_sets] + ([backbone] if backbone is not None else [])
     return store.ref(FEATURES_STEP, artifact_digest(FEATURES_STEP, payload, upstream, source_code_version(encoder_module, onnx_read)))
 
@@ -71,20 +74,22 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def student_encoder(store: ArtifactStore, tuned: ArtifactRef | None, name: str, max_length: int, precision: str = "float32") -> encoder_module.Encoder:
+def student_encoder(store: ArtifactStore, tuned: ArtifactRef | None, name: str, max_length: int, precision: str = "float32",
+                    int8_min_cosine: float | None = None) -> encoder_module.Encoder:
     """What C2, C3 and the student read problems with: stage 04's tuned backbone when there
     is one (`tasks/tune_backbone.py`), else `name` as it is; through its int8 ONNX copy when
-    `precision` (`c3.read_precision`) is int8."""
+    `precision` (`c3.read_precision`) is int8, checked to keep `int8_min_cosine`."""
     from mycelium.backbone_tuning import load_student_encoder
 
     encoder = load_student_encoder(store, tuned, name, max_length, Settings().cache_dir, device())
-    return onnx_read.student_reader(encoder, precision, Settings().cache_dir)
+    return onnx_read.student_reader(encoder, precision, Settings().cache_dir, int8_min_cosine)
 
 
-def build_features(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C2Config, backbone: ArtifactRef | None = None, precision: str = "float32") -> dict:
+def build_features(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C2Config, backbone: ArtifactRef | None = None, precision: str = "float32",
+                   int8_min_cosine: float | None = None) -> dict:
     store = ArtifactStore.for_ref(ref)
     c2 = store.read(training_sets, "c2")
-    encoder = student_encoder(store, backbone, cfg.backbone, cfg.max_length, precision)
+    encoder = student_encoder(store, backbone, cfg.backbone, cfg.max_length, precision, int8_min_cosine)
     vectors = encoder_module.embed_texts(encoder, c2["problem"].to_list(), cfg.feature_batch_size)
     table = c2.select("problem_id").with_columns(pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, encoder.dim)))
     store.write_table(ref, {"features": table}, metadata={"n": table.height, "dim": encoder.dim, "backbone": cfg.backbone})
@@ -206,8 +211,9 @@ def plot_training(history: list[dict], path: str | Path, title: str, curves: dic
 
 
 @task(name="c2-features")
-def features_task(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C2Config, backbone: ArtifactRef | None = None, precision: str = "float32") -> ArtifactRef:
-    meta = build_features(ref, training_sets, cfg, backbone, precision)
+def features_task(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C2Config, backbone: ArtifactRef | None = None, precision: str = "float32",
+                  int8_min_cosine: float | None = None) -> ArtifactRef:
+    meta = build_features(ref, training_sets, cfg, backbone, precision, int8_min_cosine)
     get_run_logger().info("c2 features: %d problems embedded with %s", meta["n"], cfg.backbone)
     return ref
 

@@ -103,7 +103,7 @@ def build_features(ref: ArtifactRef, training_sets: ArtifactRef, cfg: C3Config, 
     c2 = store.read(training_sets, "c2")
     wanted = set(slots["problem_id"].to_list())
     rows = c2.filter(pl.col("problem_id").is_in(wanted)).select("problem_id", "problem")
-    encoder = student_encoder(store, backbone, cfg.backbone, cfg.max_length, cfg.read_precision)
+    encoder = student_encoder(store, backbone, cfg.backbone, cfg.max_length, cfg.read_precision, cfg.int8_min_cosine)
     problems = c3_model.read_problems(encoder, rows["problem"].to_list(), c4_cfg.word_to_number, cfg.feature_batch_size, cfg.context_tokens)
     tables = problems_to_tables(rows["problem_id"].to_list(), problems)
     store.write_table(ref, tables, metadata={"n_problems": rows.height, "n_candidates": tables["candidates"].height})

@@ -98,7 +98,7 @@ def build_verifier(ref: ArtifactRef, inputs: dict[str, ArtifactRef], cfg: Myceli
     gold = dict(store.read(inputs["problems"], "problems").select("problem_id", "answer").iter_rows())
     unread = [p for p in texts if p not in problems and gold.get(p) is not None]
     if unread:  # problems stage 03 gave no C3 slots (no annotated gold chain) still have a gold answer to rank against
-        encoder = student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length, cfg.c3.read_precision)
+        encoder = student_encoder(store, inputs.get("student_backbone"), cfg.c3.backbone, cfg.c3.max_length, cfg.c3.read_precision, cfg.c3.int8_min_cosine)
         read = c3_model.read_problems(encoder, [texts[p] for p in unread], cfg.c4.word_to_number, cfg.c3.feature_batch_size, cfg.c3.context_tokens)
         problems.update(zip(unread, read, strict=True))
     split_of = dict(c2.select("problem_id", "split").iter_rows())

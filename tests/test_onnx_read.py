@@ -4,6 +4,7 @@ set of weights, a damaged cache repaired, a bad setting refused in one line."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from mycelium import c3_model, onnx_read
 from mycelium.config import load_config
 from mycelium.encoder import embed_texts, load_encoder
-from mycelium.errors import ConfigError
+from mycelium.errors import ConfigError, ModelError
 
 CONFIG = load_config(None, [])
 PROBLEMS = [
@@ -93,9 +94,12 @@ def test_torch_runtime_is_the_encoder_itself_and_a_bad_runtime_is_one_line(reade
 
 def test_the_int8_student_reads_a_problem_alike_alone_and_in_a_padded_batch(readers, cache_dir):
     reference, _ = readers
-    int8 = onnx_read.int8_encoder(reference, cache_dir)
-    graph = os.path.join(cache_dir, "onnx", onnx_read.weights_key(reference.model, onnx_read.INT8_FORMAT), onnx_read.GRAPH_FILE)
-    assert "MatMulInteger" in {node.op_type for node in onnx.load(graph).graph.node}
+    int8 = onnx_read.int8_encoder(reference, cache_dir, CONFIG.c3.int8_min_cosine)
+    folder = onnx_read.graph_folder(cache_dir, reference.model, onnx_read.INT8_FORMAT, CONFIG.c3.int8_min_cosine)
+    assert "MatMulInteger" in {node.op_type for node in onnx.load(folder / onnx_read.GRAPH_FILE).graph.node}
+    # MiniLM passes the fidelity check with the first (full 8-bit) recipe
+    chosen = json.loads((folder / onnx_read.RECIPE_FILE).read_text())
+    assert chosen["recipe"] == onnx_read.INT8_RECIPES[0].name and chosen["worst_cosine"] >= CONFIG.c3.int8_min_cosine
     words, context = dict(CONFIG.c4.word_to_number), CONFIG.c3.context_tokens
     batched = c3_model.read_problems(int8, PROBLEMS, words, batch_size=3, context_tokens=context, progress=False)
     floats = c3_model.read_problems(reference, PROBLEMS, words, batch_size=3, context_tokens=context, progress=False)
@@ -115,9 +119,50 @@ def test_the_int8_student_reads_a_problem_alike_alone_and_in_a_padded_batch(read
     assert other_threads.model.threads != int8.model.threads
     again = c3_model.read_problems(other_threads, PROBLEMS, words, batch_size=3, context_tokens=context, progress=False)
     assert all(np.array_equal(a.features, b.features) and np.array_equal(a.pooled, b.pooled) for a, b in zip(again, batched, strict=True))
-    assert onnx_read.student_reader(reference, "float32", cache_dir) is reference
+    assert onnx_read.student_reader(reference, "float32", cache_dir, CONFIG.c3.int8_min_cosine) is reference
 
 
 def test_a_bad_read_precision_is_one_line():
     with pytest.raises(ConfigError, match="c3.read_precision"):
         load_config(None, ["c3.read_precision=int4"])
+
+
+def _with_outlier_channels(scale: float):
+    """MiniLM with one channel of every GELU output `scale` times larger (the next product's
+    weights shrunk to match): the kind of activation outlier that broke all-mpnet-base-v2's int8
+    graph. One int8 scale per tensor then flattens the other channels of those products."""
+    model = load_encoder(CONFIG.c3.backbone, CONFIG.c3.max_length)
+    with torch.no_grad():
+        for layer in model.model.encoder.layer:
+            layer.intermediate.dense.weight[0] *= scale
+            layer.intermediate.dense.bias[0] *= scale
+            layer.output.dense.weight[:, 0] /= scale
+    return model
+
+
+def test_an_int8_graph_that_reads_unlike_the_float_one_is_quantised_more_gently(tmp_path):
+    doctored = _with_outlier_channels(1000.0)
+    threshold = CONFIG.c3.int8_min_cosine
+    int8 = onnx_read.int8_encoder(doctored, str(tmp_path), threshold)
+    folder = onnx_read.graph_folder(str(tmp_path), doctored.model, onnx_read.INT8_FORMAT, threshold)
+    chosen = json.loads((folder / onnx_read.RECIPE_FILE).read_text())
+    # the full 8-bit graph and the 7-bit one fall below the threshold; keeping the GELU-fed
+    # products in float32 passes it
+    assert chosen["recipe"] == onnx_read.INT8_RECIPES[-1].name and chosen["worst_cosine"] >= threshold
+    ops = [node.op_type for node in onnx.load(folder / onnx_read.GRAPH_FILE).graph.node]
+    layers = doctored.model.config.num_hidden_layers
+    assert ops.count("MatMulInteger") == 5 * layers and ops.count("MatMul") >= layers
+    exact = c3_model.read_problems(doctored, PROBLEMS, dict(CONFIG.c4.word_to_number), 3, CONFIG.c3.context_tokens, progress=False)
+    rounded = c3_model.read_problems(int8, PROBLEMS, dict(CONFIG.c4.word_to_number), 3, CONFIG.c3.context_tokens, progress=False)
+    for a, b in zip(exact, rounded, strict=True):
+        assert a.pooled @ b.pooled / (np.linalg.norm(a.pooled) * np.linalg.norm(b.pooled)) > threshold
+
+
+def test_no_faithful_int8_graph_is_one_line_and_leaves_nothing_cached(tmp_path):
+    reference = load_encoder(CONFIG.c3.backbone, CONFIG.c3.max_length)
+    with pytest.raises(ModelError, match=r"c3.int8_min_cosine 1.0\); use --set c3.read_precision=float32") as caught:
+        onnx_read.int8_encoder(reference, str(tmp_path), 1.0)  # no int8 graph reads exactly like the float one
+    assert "\n" not in str(caught.value)
+    assert [p for p in (tmp_path / "onnx").rglob("*") if p.is_file()] == []
+    # the same weights still read in float32
+    assert onnx_read.student_reader(reference, "float32", str(tmp_path), 1.0) is reference
