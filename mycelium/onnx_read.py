@@ -152,8 +152,19 @@ def quantize_graph(float_graph: Path, path: Path, recipe: Int8Recipe = INT8_RECI
         graph = onnx.load(str(float_graph), load_external_data=False).graph
         producer = {output: node.op_type for node in graph.node for output in node.output}
         excluded = [node.name for node in graph.node if node.op_type == "MatMul" and producer.get(node.input[0]) in recipe.float_after]
-    quantize_dynamic(str(float_graph), str(path), weight_type=QuantType.QInt8, per_channel=True, reduce_range=recipe.reduce_range,
-                     nodes_to_exclude=excluded)
+    root = logging.getLogger()
+    root.addFilter(_skip_preprocessing_advice)
+    try:
+        quantize_dynamic(str(float_graph), str(path), weight_type=QuantType.QInt8, per_channel=True, reduce_range=recipe.reduce_range,
+                         nodes_to_exclude=excluded)
+    finally:
+        root.removeFilter(_skip_preprocessing_advice)
+
+
+def _skip_preprocessing_advice(record: logging.LogRecord) -> bool:
+    """Drop ONNX Runtime's advice to pre-process before quantising (logged on the root logger
+    for every graph): the docstring of `quantize_graph` says why it does not apply here."""
+    return not record.getMessage().startswith("Please consider to run pre-processing")
 
 
 def int8_fidelity(float_graph: Path, int8_graph: Path, tokenizer: Any) -> float:
