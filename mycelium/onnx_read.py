@@ -28,7 +28,8 @@ Before an int8 graph is used it is checked against the float one on a few proble
 (`int8_fidelity`, `c3.int8_min_cosine`): a backbone whose 8-bit graph is broken rather than
 rounded (all-mpnet-base-v2 on an AVX2 CPU) gets a gentler recipe (`INT8_RECIPES`), or a
 one-line error that points to `c3.read_precision=float32`. MiniLM passes with the first recipe,
-so its graph is byte for byte the one it always had.
+so its graph computes what it always did (the same nodes and weights; the file's bytes
+also carry the exporter's source paths, so they differ between checkout folders).
 
 `onnx_encoder(encoder, cache_dir)` / `int8_encoder` return a copy of the encoder whose `model`
 is an `OnnxBackbone`: called like the Hugging Face model (`model(**batch).last_hidden_state`),
